@@ -1,0 +1,5 @@
+import sys
+
+from longred.cli import main
+
+sys.exit(main())

