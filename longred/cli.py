@@ -51,6 +51,21 @@ def _bench_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precompute(args: argparse.Namespace) -> int:
+    from longred.config import config_overrides, load_config
+    from longred.precompute.job import PrecomputeConfig, run_precompute
+
+    config = load_config(PrecomputeConfig, path=args.config, overrides=config_overrides(args, PrecomputeConfig))
+    summary = run_precompute(config)
+    print(
+        f"precompute rank {summary['rank']}/{summary['world_size']} on {summary['device']}: "
+        f"{summary['samples']} samples, {summary['tokens']} tokens in {summary['seconds']} s "
+        f"({summary['tokens_per_s']} tok/s); {summary['shards_written']} shards written "
+        f"({summary['bytes_written'] / 2**20:.1f} MiB), {summary['shards_skipped']} already complete"
+    )
+    return 0
+
+
 def _teacher_install(args: argparse.Namespace) -> int:
     from longred.teacher import install_embedded_teacher
 
@@ -72,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = cache.add_parser("verify", help="read every shard; exit 1 naming each bad shard and array")
     verify.add_argument("path", help="cache path or fsspec URL")
     verify.set_defaults(run=_cache_verify)
+
+    from longred.config import add_config_arguments
+    from longred.precompute.job import PrecomputeConfig
+
+    precompute = commands.add_parser("precompute", help="run the teacher once over the short corpus into a cache")
+    add_config_arguments(precompute, PrecomputeConfig)
+    precompute.set_defaults(run=_precompute)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
     storage = bench.add_parser("storage", help="codecs, top-k and I/O on real teacher activations")

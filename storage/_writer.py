@@ -21,6 +21,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError
 
+from longred import __version__
+
 from ._codecs import HiddenCodec, get_codec
 from ._integrity import CacheLocation
 from ._spec import FORMAT, FORMAT_VERSION, ArraySpec, CacheSpec
@@ -109,19 +111,21 @@ class CacheWriter:
                 )
             if diff:
                 self.location.remove_all()
-        self._group = zarr.open_group(self.location.url, mode="a")
-        if "format" not in self._group.attrs:
-            from longred import __version__
-
-            self._group.attrs.update(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    **self.spec.to_attrs(),
-                    "longred_version": __version__,
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-            )
+        elif self.location.fs.exists(self.location.root) and self.location.fs.ls(self.location.root):
+            raise CacheMismatchError(f"{self.location.url} exists, is not empty and is not a cache; choose a new path.")
+        attrs = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **self.spec.to_attrs(),
+            "longred_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        # one write creates the group with its attributes; a concurrent creator's group is opened instead
+        self._group = zarr.open_group(self.location.url, mode="a", attributes=attrs)
+        diff = open_spec(self.location).differences(self.spec)
+        if diff:
+            raise CacheMismatchError(f"{self.location.url} was just created by another writer with other inputs: "
+                                     f"{', '.join(diff)}.")
         for kind in self.spec.kinds:
             for array in self.spec.arrays(kind):
                 self._create_array(array)

@@ -1,0 +1,109 @@
+"""The precompute job: stored targets equal a live teacher, resume after SIGKILL, ranks, refusals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from longred.cli import main
+from longred.precompute.capture import TeacherCapture
+from longred.precompute.job import PrecomputeConfig, run_precompute
+from longred.storage import CacheMismatchError, TeacherCache, verify_cache
+from longred.teacher import load_model
+
+
+def config(teacher, out, **changes) -> PrecomputeConfig:
+    settings = dict(out=str(out), teacher=str(teacher), short_len=32, short_samples=14, heldout=2, s2l_len=128,
+                    s2l_samples=3, layers=["1", "3", "final"], top_k=6, shard_samples=4, codec="bf16",
+                    batch_tokens=96)
+    settings.update(changes)
+    return PrecomputeConfig(**settings)
+
+
+def flags(cfg: PrecomputeConfig) -> list[str]:
+    out = []
+    for name, value in vars(cfg).items():
+        if value is None or value is False:
+            continue
+        out += [f"--{name.replace('_', '-')}"] + ([] if value is True else [",".join(value) if isinstance(value, list)
+                                                                          else str(value)])
+    return out
+
+
+def assert_same_arrays(a: str, b: str) -> None:
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    spec = TeacherCache(a).spec
+    for kind in spec.kinds:
+        for array in spec.arrays(kind):
+            np.testing.assert_array_equal(ga[array.path][:], gb[array.path][:], err_msg=array.path)
+
+
+def test_stored_targets_equal_the_live_teacher(tiny_teacher_dir, tmp_path):
+    cfg = config(tiny_teacher_dir, tmp_path / "c.zarr")
+    summary = run_precompute(cfg, progress=False)
+    assert summary["samples"] == 19 and summary["shards_written"] == 5
+    cache = TeacherCache(cfg.out)
+    assert cache.spec.kinds["short"].heldout == (14, 15)
+    model = load_model(tiny_teacher_dir)
+    for kind, layers in [("short", ("1", "3", "final")), ("s2l", ("final",))]:
+        stored = cache.read_shard(kind, 0)
+        live = TeacherCapture(model, layers=layers, top_k=6)(stored.input_ids)
+        for layer in layers:  # bf16 is the lossless codec: equal up to bf16 rounding
+            torch.testing.assert_close(stored.hidden[layer], live.hidden[layer], rtol=8e-3, atol=1e-2)
+        assert torch.equal(stored.topk_ids, live.topk_ids)
+        torch.testing.assert_close(stored.topk_logprobs, live.topk_logprobs, rtol=2e-3, atol=2e-3)
+    again = run_precompute(cfg, progress=False)  # complete cache: nothing to do
+    assert again["samples"] == 0 and again["shards_skipped"] == 5
+
+
+def test_changed_inputs_are_refused(tiny_teacher_dir, tmp_path, capsys):
+    cfg = config(tiny_teacher_dir, tmp_path / "c.zarr", s2l_samples=0)
+    run_precompute(cfg, progress=False)
+    with pytest.raises(CacheMismatchError, match="kinds.short.layers"):
+        run_precompute(config(tiny_teacher_dir, cfg.out, s2l_samples=0, layers=["2", "final"]), progress=False)
+    with pytest.raises(CacheMismatchError, match="corpus_sha256"):
+        run_precompute(config(tiny_teacher_dir, cfg.out, s2l_samples=0, corpus="embedded:source"), progress=False)
+    bad = config(tiny_teacher_dir, tmp_path / "d.zarr", s2l_samples=0, layers=["4"])
+    assert main(["precompute", *flags(bad)]) == 2
+    assert "hidden_states[4] is the post-norm state" in capsys.readouterr().err
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tiny_teacher_dir, tmp_path):
+    killed, reference = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
+    cfg = config(tiny_teacher_dir, killed, short_samples=30, batch_tokens=32)
+    slow = str(Path(__file__).with_name("slow_precompute.py"))
+    proc = subprocess.Popen([sys.executable, slow, *flags(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = killed / "_complete/short/000001.json"
+    deadline = time.time() + 120
+    while not record.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert TeacherCache(str(killed)).missing_shards("short"), "the kill should leave work to resume"
+    assert main(["precompute", *flags(cfg)]) == 0
+    run_precompute(config(tiny_teacher_dir, reference, short_samples=30, batch_tokens=32), progress=False)
+    assert verify_cache(str(killed)) == []
+    assert_same_arrays(str(killed), str(reference))
+
+
+def test_two_ranks_equal_one_process(tiny_teacher_dir, tmp_path):
+    two, one = tmp_path / "two.zarr", tmp_path / "one.zarr"
+    cfg = config(tiny_teacher_dir, two)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "longred", "precompute", *flags(cfg)],
+                         env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for r in range(2)
+    ]
+    outputs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert "rank 0/2" in outputs[0] and "rank 1/2" in outputs[1]
+    run_precompute(config(tiny_teacher_dir, one), progress=False)
+    assert_same_arrays(str(two), str(one))
