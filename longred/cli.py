@@ -66,6 +66,14 @@ def _precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_precompute(args: argparse.Namespace) -> int:
+    from longred.bench_precompute import run_precompute_benchmark
+
+    result = run_precompute_benchmark(out=args.out, teacher=args.teacher, samples=args.samples, length=args.length)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _teacher_install(args: argparse.Namespace) -> int:
     from longred.teacher import install_embedded_teacher
 
@@ -102,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--samples", type=int, default=16, help="real samples to run the teacher on")
     storage.add_argument("--length", type=int, default=512, help="tokens per sample")
     storage.set_defaults(run=_bench_storage)
+    bench_pre = bench.add_parser("precompute", help="bare teacher forward vs full precompute, same samples")
+    bench_pre.add_argument("--out", required=True, help="JSON file to write")
+    bench_pre.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
+    bench_pre.add_argument("--samples", type=int, default=8, help="samples to time")
+    bench_pre.add_argument("--length", type=int, default=1024, help="tokens per sample")
+    bench_pre.set_defaults(run=_bench_precompute)
 
     teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
         dest="action", required=True

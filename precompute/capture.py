@@ -104,12 +104,14 @@ class TeacherCapture:
         ids, values, tails = [], [], []
         for start in range(0, flat_ND.shape[0], self.chunk_tokens):
             logits_CV = (flat_ND[start : start + self.chunk_tokens] @ weight_VD.T).float()
-            logprobs_CV = logits_CV.log_softmax(dim=-1)
-            top = logprobs_CV.topk(self.top_k, dim=-1)
+            # two reads of the logits (logsumexp, top-k); no log_softmax copy of the C x V block
+            lse_C1 = logits_CV.logsumexp(dim=-1, keepdim=True)
+            top = logits_CV.topk(self.top_k, dim=-1)
+            logprobs_CK = top.values - lse_C1
             ids.append(top.indices)
-            values.append(top.values)
-            # log(1 - sum p_topk) computed stably as logsumexp over the tokens outside the top k
-            tails.append(logprobs_CV.scatter(-1, top.indices, float("-inf")).logsumexp(dim=-1))
+            values.append(logprobs_CK)
+            # log(1 - top-k mass); -inf when the top k hold all of it in fp32
+            tails.append(torch.log1p(-logprobs_CK.exp().sum(dim=-1).clamp(max=1.0)))
         shape = (b, t, self.top_k)
         return torch.cat(ids).view(shape), torch.cat(values).view(shape), torch.cat(tails).view(b, t)
 

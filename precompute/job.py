@@ -25,7 +25,7 @@ from longred.teacher import load_model, load_tokenizer, resolve_teacher, teacher
 from .capture import TeacherCapture, check_layers
 from .corpus import build_samples, corpus_sha256, iter_documents
 
-__all__ = ["PrecomputeConfig", "run_precompute", "build_spec_and_samples", "distributed_rank"]
+__all__ = ["PrecomputeConfig", "run_precompute", "fill_shards", "build_spec_and_samples", "distributed_rank"]
 
 
 @dataclass(kw_only=True)
@@ -127,6 +127,46 @@ def build_spec_and_samples(config: PrecomputeConfig, tokenizer, model_config, te
     return spec, samples
 
 
+def fill_shards(
+    writer: CacheWriter,
+    model: torch.nn.Module,
+    samples: dict[str, np.ndarray],
+    work: list[tuple[str, int]],
+    *,
+    batch_tokens: int,
+    on_batch=None,
+) -> tuple[int, int]:
+    """Run the teacher over the samples of each (kind, shard) in ``work`` and hand the targets to ``writer``.
+
+    Args:
+        samples: kind -> (N, T) token ids of every sample of that kind.
+        batch_tokens: tokens per teacher forward (batch size = batch_tokens // T, at least 1).
+        on_batch: called with (tokens, samples) of each batch, for progress reporting.
+
+    Returns:
+        (tokens, samples) processed.
+    """
+    spec = writer.spec
+    device = next(model.parameters()).device
+    captures = {kind: TeacherCapture(model, layers=ks.layers, top_k=spec.top_k) for kind, ks in spec.kinds.items()}
+    tokens = done = 0
+    for kind, shard in work:
+        ids = list(spec.shard_range(kind, shard))
+        step = max(1, batch_tokens // spec.kinds[kind].length)
+        for first in range(0, len(ids), step):
+            batch_ids = ids[first : first + step]
+            input_ids = torch.from_numpy(samples[kind][batch_ids].astype(np.int64)).to(device)
+            targets = captures[kind](input_ids)
+            writer.add(kind, sample_ids=batch_ids, input_ids=input_ids, hidden=targets.hidden,
+                       topk_ids=targets.topk_ids, topk_logprobs=targets.topk_logprobs,
+                       tail_logmass=targets.tail_logmass)
+            tokens += input_ids.numel()
+            done += len(batch_ids)
+            if on_batch is not None:
+                on_batch(input_ids.numel(), len(batch_ids))
+    return tokens, done
+
+
 def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
     """Fill (or finish) the cache at ``config.out``; returns a summary of what this process did.
 
@@ -141,33 +181,24 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
     model = load_model(teacher_dir, device=device)
     spec, samples = build_spec_and_samples(config, tokenizer, model.config, teacher_dir)
     start = time.perf_counter()
-    tokens = done_samples = skipped = 0
     with CacheWriter(config.out, spec, overwrite=config.overwrite and rank == 0) as writer:
-        work = []
-        for kind, ks in spec.kinds.items():
+        work, skipped = [], 0
+        for kind in spec.kinds:
             missing = set(writer.missing_shards(kind))
             mine = [s for s in range(spec.num_shards(kind)) if s % world == rank]
             skipped += sum(1 for s in mine if s not in missing)
             work += [(kind, s) for s in mine if s in missing]
         total = sum(len(spec.shard_range(k, s)) * spec.kinds[k].length for k, s in work)
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"precompute rank {rank}", disable=not progress)
-        for kind, shard in work:
-            length = spec.kinds[kind].length
-            capture = TeacherCapture(model, layers=spec.kinds[kind].layers, top_k=spec.top_k)
-            ids = list(spec.shard_range(kind, shard))
-            step = max(1, config.batch_tokens // length)
-            for first in range(0, len(ids), step):
-                batch_ids = ids[first : first + step]
-                input_ids = torch.from_numpy(samples[kind][batch_ids].astype(np.int64)).to(device)
-                targets = capture(input_ids)
-                writer.add(kind, sample_ids=batch_ids, input_ids=input_ids, hidden=targets.hidden,
-                           topk_ids=targets.topk_ids, topk_logprobs=targets.topk_logprobs,
-                           tail_logmass=targets.tail_logmass)
-                tokens += input_ids.numel()
-                done_samples += len(batch_ids)
-                bar.update(input_ids.numel())
-                bar.set_postfix(samples_s=f"{done_samples / (time.perf_counter() - start):.2f}")
-        bar.close()
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=f"precompute rank {rank}", disable=not progress) as bar:
+            counted = {"samples": 0}
+
+            def report(batch_tokens: int, batch_samples: int) -> None:
+                counted["samples"] += batch_samples
+                bar.update(batch_tokens)
+                bar.set_postfix(samples_s=f"{counted['samples'] / max(bar.format_dict['elapsed'], 1e-6):.2f}")
+
+            tokens, done_samples = fill_shards(writer, model, samples, work, batch_tokens=config.batch_tokens,
+                                               on_batch=report)
     seconds = time.perf_counter() - start
     return {
         "rank": rank,

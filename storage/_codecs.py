@@ -35,9 +35,10 @@ def bf16_from_bits(bits: np.ndarray) -> torch.Tensor:
 
 def _int8_absmax(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per token (last axis): value ~= code * scale."""
-    absmax = hidden.abs().amax(dim=-1, keepdim=True).float()
+    hidden = hidden.float()
+    absmax = torch.linalg.vector_norm(hidden, ord=float("inf"), dim=-1, keepdim=True)  # no |x| temporary
     scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    codes = torch.round(hidden.float() / scale).clamp_(-127, 127).to(torch.int8)
+    codes = (hidden * scale.reciprocal()).round_().clamp_(-127, 127).to(torch.int8)
     return codes, scale.squeeze(-1)
 
 

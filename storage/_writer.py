@@ -296,17 +296,22 @@ def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _check_tensor(kind, name, value, shape, *, integer, ids, high=None, allow_neg_inf=False) -> None:
+    """Shape, dtype and value checks; the common all-good case costs one reduction over the tensor."""
     tensor = torch.as_tensor(value)
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{kind}: {name} has shape {tuple(tensor.shape)}, expected {shape}.")
     if integer:
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
             raise ValueError(f"{kind}: {name} must hold integers, got {tensor.dtype}.")
-        bad = (tensor < 0) | (tensor >= high)
-        what = f"token ids outside [0, {high})"
+        low, top = torch.aminmax(tensor)
+        if low >= 0 and top < high:
+            return
+        bad, what = (tensor < 0) | (tensor >= high), f"token ids outside [0, {high})"
     else:
         if not tensor.dtype.is_floating_point:
             raise ValueError(f"{kind}: {name} must be floating point, got {tensor.dtype}.")
+        if torch.isfinite(tensor.sum(dtype=torch.float32)):  # NaN and inf survive a sum
+            return
         bad = torch.isnan(tensor) | (tensor == float("inf"))
         if not allow_neg_inf:
             bad |= tensor == float("-inf")
