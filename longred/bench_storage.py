@@ -9,9 +9,11 @@ Source: the teacher (default: the embedded SmolLM2-135M-Instruct) run over the e
 - ``encode_mb_s`` / ``decode_mb_s``: MB (1e6 bytes) of float32 values per second on one thread.
 - ``kl_nats``: mean over tokens of KL(teacher distribution || top-k + tail bucket), the tail's mass
   spread uniformly over the other V - k tokens (what the cache can reproduce).
-- ``io``: MB of cache arrays (as stored, before compression) per second: writing through CacheWriter
-  (encode, compress, checksum), and reading back through the streaming reader (decompress, decode to
-  float32); random reads of whole samples.
+- ``io``: MB/s of teacher targets as tensors (float32 hidden states and log-probs, int64 ids: what the
+  teacher hands to the writer and the reader hands to training), writing through CacheWriter (checks,
+  encode, compress, checksum, completion records) and reading back through the streaming reader
+  (decompress, decode); ``*_stored_mb_s`` count the cache's arrays before compression instead (int8
+  codes are a quarter of float32). Random reads: whole samples by id.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def _io(teacher_dir: Path, ids_NT: torch.Tensor, hidden: dict, batches: list, *,
         codec={"name": "int8"}, shard_samples=16,
     )
     logical = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in spec.arrays("short"))
+    tensors = n * copies * t * (len(layers) * d * 4 + 8 + spec.top_k * (8 + 4) + 4)
     names = ("topk_ids", "topk_logprobs", "tail_logmass")
     topk = {name: torch.cat([getattr(b, name) for b in batches]) for name in names}
     with tempfile.TemporaryDirectory() as folder:
@@ -166,8 +169,11 @@ def _io(teacher_dir: Path, ids_NT: torch.Tensor, hidden: dict, batches: list, *,
             cache.read_sample("short", int(sample))
         random_s = time.perf_counter() - start
     return {
-        "cache_mb": round(logical / 1e6, 1),
-        "write_mb_s": round(logical / 1e6 / write_s, 1),
-        "seq_read_mb_s": round(logical / 1e6 / read_s, 1),
+        "tensor_mb": round(tensors / 1e6, 1),
+        "stored_mb": round(logical / 1e6, 1),
+        "write_mb_s": round(tensors / 1e6 / write_s, 1),
+        "seq_read_mb_s": round(tensors / 1e6 / read_s, 1),
+        "write_stored_mb_s": round(logical / 1e6 / write_s, 1),
+        "seq_read_stored_mb_s": round(logical / 1e6 / read_s, 1),
         "random_read_samples_s": round(len(picks) / random_s, 1),
     }

@@ -192,15 +192,18 @@ class CacheWriter:
         }
         dtypes = {a.path: a.dtype for a in self._arrays[kind]}
         host = {path: _as_dtype(_to_numpy(v), dtypes[path]) for path, v in values.items()}
+        by_shard: dict[int, list[int]] = {}
         for row, sample in enumerate(ids):
-            shard = sample // self.spec.shard_samples
-            buffer = self._buffer(kind, shard, sample)
-            offset = sample - buffer.sample_ids.start
-            if buffer.filled[offset]:
-                raise ValueError(f"{kind}: sample {sample} was already added.")
+            by_shard.setdefault(sample // self.spec.shard_samples, []).append(row)
+        for shard, rows in by_shard.items():
+            buffer = self._buffer(kind, shard, ids[rows[0]])
+            offsets = np.array([ids[r] - buffer.sample_ids.start for r in rows])
+            repeated = offsets[buffer.filled[offsets]]
+            if len(repeated):
+                raise ValueError(f"{kind}: sample {buffer.sample_ids.start + int(repeated[0])} was already added.")
             for array in self._arrays[kind]:
-                buffer.arrays[array.path][offset] = host[array.path][row]
-            buffer.filled[offset] = True
+                buffer.arrays[array.path][offsets] = host[array.path][rows]
+            buffer.filled[offsets] = True
             if buffer.filled.all():
                 self._submit(kind, shard, self._buffers.pop((kind, shard)))
 
