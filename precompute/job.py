@@ -68,7 +68,9 @@ class PrecomputeConfig:
     """Replace an existing cache made from other inputs instead of refusing it."""
 
     def __post_init__(self) -> None:
-        self.layers = [str(x) for x in (self.layers.split(",") if isinstance(self.layers, str) else self.layers)]
+        self.layers = [
+            str(x) for x in (self.layers.split(",") if isinstance(self.layers, str) else self.layers)
+        ]
         problems = []
         for name in ("short_len", "short_samples", "s2l_len", "top_k", "batch_tokens", "shard_samples"):
             if getattr(self, name) < 1:
@@ -90,25 +92,39 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_spec_and_samples(config: PrecomputeConfig, tokenizer, model_config, teacher_dir) -> tuple[CacheSpec, dict]:
+def build_spec_and_samples(
+    config: PrecomputeConfig, tokenizer, model_config, teacher_dir
+) -> tuple[CacheSpec, dict]:
     """The cache spec (fingerprint) and the token ids of every sample of every kind."""
     layers = check_layers(config.layers, model_config.num_hidden_layers)
     short = build_samples(
-        iter_documents(config.corpus, field=config.field), tokenizer, length=config.short_len,
-        num_samples=config.short_samples, mode=config.packing, seed=config.seed, heldout=config.heldout,
+        iter_documents(config.corpus, field=config.field),
+        tokenizer,
+        length=config.short_len,
+        num_samples=config.short_samples,
+        mode=config.packing,
+        seed=config.seed,
+        heldout=config.heldout,
         corpus=config.corpus,
     )
     samples = {"short": np.concatenate([short.input_ids_NT, short.heldout_NT])}
     kinds = {
         "short": KindSpec(
-            length=config.short_len, num_samples=len(samples["short"]), layers=layers,
+            length=config.short_len,
+            num_samples=len(samples["short"]),
+            layers=layers,
             heldout=tuple(range(config.short_samples, config.short_samples + config.heldout)),
         )
     }
     if config.s2l_samples:
         s2l = build_samples(
-            iter_documents(config.corpus, field=config.field), tokenizer, length=config.s2l_len,
-            num_samples=config.s2l_samples, mode=config.packing, seed=config.seed + 1, corpus=config.corpus,
+            iter_documents(config.corpus, field=config.field),
+            tokenizer,
+            length=config.s2l_len,
+            num_samples=config.s2l_samples,
+            mode=config.packing,
+            seed=config.seed + 1,
+            corpus=config.corpus,
         )
         samples["s2l"] = s2l.input_ids_NT
         kinds["s2l"] = KindSpec(length=config.s2l_len, num_samples=config.s2l_samples, layers=("final",))
@@ -148,7 +164,9 @@ def fill_shards(
     """
     spec = writer.spec
     device = next(model.parameters()).device
-    captures = {kind: TeacherCapture(model, layers=ks.layers, top_k=spec.top_k) for kind, ks in spec.kinds.items()}
+    captures = {
+        kind: TeacherCapture(model, layers=ks.layers, top_k=spec.top_k) for kind, ks in spec.kinds.items()
+    }
     tokens = done = 0
     for kind, shard in work:
         ids = list(spec.shard_range(kind, shard))
@@ -157,9 +175,15 @@ def fill_shards(
             batch_ids = ids[first : first + step]
             input_ids = torch.from_numpy(samples[kind][batch_ids].astype(np.int64)).to(device)
             targets = captures[kind](input_ids)
-            writer.add(kind, sample_ids=batch_ids, input_ids=input_ids, hidden=targets.hidden,
-                       topk_ids=targets.topk_ids, topk_logprobs=targets.topk_logprobs,
-                       tail_logmass=targets.tail_logmass)
+            writer.add(
+                kind,
+                sample_ids=batch_ids,
+                input_ids=input_ids,
+                hidden=targets.hidden,
+                topk_ids=targets.topk_ids,
+                topk_logprobs=targets.topk_logprobs,
+                tail_logmass=targets.tail_logmass,
+            )
             tokens += input_ids.numel()
             done += len(batch_ids)
             if on_batch is not None:
@@ -189,7 +213,9 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
             skipped += sum(1 for s in mine if s not in missing)
             work += [(kind, s) for s in mine if s in missing]
         total = sum(len(spec.shard_range(k, s)) * spec.kinds[k].length for k, s in work)
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=f"precompute rank {rank}", disable=not progress) as bar:
+        with tqdm(
+            total=total, unit="tok", unit_scale=True, desc=f"precompute rank {rank}", disable=not progress
+        ) as bar:
             counted = {"samples": 0}
 
             def report(batch_tokens: int, batch_samples: int) -> None:
@@ -197,8 +223,9 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
                 bar.update(batch_tokens)
                 bar.set_postfix(samples_s=f"{counted['samples'] / max(bar.format_dict['elapsed'], 1e-6):.2f}")
 
-            tokens, done_samples = fill_shards(writer, model, samples, work, batch_tokens=config.batch_tokens,
-                                               on_batch=report)
+            tokens, done_samples = fill_shards(
+                writer, model, samples, work, batch_tokens=config.batch_tokens, on_batch=report
+            )
     seconds = time.perf_counter() - start
     return {
         "rank": rank,

@@ -116,7 +116,9 @@ class Int8OutlierCodec(HiddenCodec):
 
     def array_specs(self, hidden_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         if self.outliers >= hidden_size:
-            raise ValueError(f"int8-outlier: outliers ({self.outliers}) must be < hidden size ({hidden_size})")
+            raise ValueError(
+                f"int8-outlier: outliers ({self.outliers}) must be < hidden size ({hidden_size})"
+            )
         return {
             "codes": ((hidden_size,), "int8"),
             "scale": ((), "float32"),

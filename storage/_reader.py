@@ -10,6 +10,7 @@ whose bytes fail zarr's checks (Zstd frame checksum, CRC32C of the shard index) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from ._codecs import get_codec
 from ._integrity import CacheLocation
 from ._spec import ArraySpec, CacheSpec
 from ._writer import open_spec
+
+if TYPE_CHECKING:
+    from ._stream import TargetStream
 
 __all__ = ["TeacherCache", "Targets", "CacheCorruptionError", "MissingShardError", "FIELDS"]
 
@@ -58,7 +62,10 @@ class Targets:
 
     def sample(self, row: int) -> dict:
         """One sample as a dict of tensors (views, no copy)."""
-        out: dict = {"sample_id": int(self.sample_ids[row]), "hidden": {k: v[row] for k, v in self.hidden.items()}}
+        out: dict = {
+            "sample_id": int(self.sample_ids[row]),
+            "hidden": {k: v[row] for k, v in self.hidden.items()},
+        }
         for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass"):
             value = getattr(self, name)
             if value is not None:
@@ -100,16 +107,28 @@ class TeacherCache:
         return [s for s in range(self.spec.num_shards(kind)) if s not in done]
 
     def read_shard(
-        self, kind: str, shard: int, *, fields: tuple[str, ...] = FIELDS, layers: tuple[str, ...] | None = None
+        self,
+        kind: str,
+        shard: int,
+        *,
+        fields: tuple[str, ...] = FIELDS,
+        layers: tuple[str, ...] | None = None,
     ) -> Targets:
         """Read and decode one whole shard (the efficient unit of I/O)."""
         if shard not in self.location.completed_shards(kind):
-            raise MissingShardError(f"{self.url}: {kind} shard {shard} is not complete (no completion record).")
+            raise MissingShardError(
+                f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
+            )
         ids = self.spec.shard_range(kind, shard)
         return self._read(kind, slice(ids.start, ids.stop), ids, fields, layers, f"shard {shard}")
 
     def read_sample(
-        self, kind: str, sample_id: int, *, fields: tuple[str, ...] = FIELDS, layers: tuple[str, ...] | None = None
+        self,
+        kind: str,
+        sample_id: int,
+        *,
+        fields: tuple[str, ...] = FIELDS,
+        layers: tuple[str, ...] | None = None,
     ) -> dict:
         """Random access to one sample (reads only that sample's chunks)."""
         self._check_kind(kind)
@@ -118,9 +137,13 @@ class TeacherCache:
             raise IndexError(f"{kind}: sample id {sample_id} out of range [0, {n}).")
         shard = sample_id // self.spec.shard_samples
         if shard not in self.location.completed_shards(kind):
-            raise MissingShardError(f"{self.url}: sample {sample_id} is in {kind} shard {shard}, not complete.")
+            raise MissingShardError(
+                f"{self.url}: sample {sample_id} is in {kind} shard {shard}, not complete."
+            )
         ids = range(sample_id, sample_id + 1)
-        return self._read(kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}").sample(0)
+        return self._read(
+            kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}"
+        ).sample(0)
 
     def stream(self, kind: str, **kwargs) -> TargetStream:
         """A resumable, shuffled, partitioned iterator over samples; see :class:`TargetStream`."""
@@ -140,7 +163,9 @@ class TeacherCache:
         chosen = tuple(str(x) for x in layers)
         unknown = [x for x in chosen if x not in stored]
         if unknown:
-            raise ValueError(f"{kind}: layers {unknown} are not stored in {self.url}; stored: {list(stored)}.")
+            raise ValueError(
+                f"{kind}: layers {unknown} are not stored in {self.url}; stored: {list(stored)}."
+            )
         return chosen
 
     def _read(self, kind, rows: slice, ids: range, fields, layers, where: str) -> Targets:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ._reader import FIELDS, TeacherCache, Targets
+from ._reader import FIELDS, Targets, TeacherCache
 
 __all__ = ["TargetStream", "TargetDataset", "collate"]
 
@@ -62,12 +62,16 @@ class TargetStream:
         prefetch: int = 2,
     ) -> None:
         if not (0 <= rank < world_size and 0 <= worker < num_workers):
-            raise ValueError(f"Need 0 <= rank < world_size and 0 <= worker < num_workers; got "
-                             f"rank={rank}, world_size={world_size}, worker={worker}, num_workers={num_workers}.")
+            raise ValueError(
+                f"Need 0 <= rank < world_size and 0 <= worker < num_workers; got "
+                f"rank={rank}, world_size={world_size}, worker={worker}, num_workers={num_workers}."
+            )
         missing = cache.missing_shards(kind)
         if missing:
-            raise ValueError(f"{cache.url}: {kind} shards {missing[:8]} are incomplete; finish precompute first "
-                             f"(rerun the same command) or check with `longred cache info`.")
+            raise ValueError(
+                f"{cache.url}: {kind} shards {missing[:8]} are incomplete; finish precompute first "
+                f"(rerun the same command) or check with `longred cache info`."
+            )
         self.cache, self.kind, self.fields, self.shuffle = cache, kind, tuple(fields), shuffle
         self.layers = cache.resolve_layers(kind, layers) if "hidden" in fields else ()
         self.partition, self.partitions = rank * num_workers + worker, world_size * num_workers
@@ -91,7 +95,9 @@ class TargetStream:
             shards = np.random.default_rng([self.seed, epoch]).permutation(shards)
         plan = []
         for shard in shards[self.partition :: self.partitions]:
-            ids = np.array([i for i in self.cache.spec.shard_range(self.kind, int(shard)) if i not in self.heldout])
+            ids = np.array(
+                [i for i in self.cache.spec.shard_range(self.kind, int(shard)) if i not in self.heldout]
+            )
             if self.shuffle:
                 ids = np.random.default_rng([self.seed, epoch, int(shard)]).permutation(ids)
             if len(ids):
@@ -182,7 +188,9 @@ def collate(samples: list[dict]) -> dict:
     batch: dict = {"sample_id": torch.tensor([s["sample_id"] for s in samples])}
     for name in samples[0]:
         if name == "hidden":
-            batch["hidden"] = {k: torch.stack([s["hidden"][k] for s in samples]) for k in samples[0]["hidden"]}
+            batch["hidden"] = {
+                k: torch.stack([s["hidden"][k] for s in samples]) for k in samples[0]["hidden"]
+            }
         elif name != "sample_id":
             batch[name] = torch.stack([s[name] for s in samples])
     return batch

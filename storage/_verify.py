@@ -60,8 +60,14 @@ def verify_cache(url: str) -> list[ShardProblem]:
         for array in arrays:
             stored = group[array.path]
             if tuple(stored.shape) != array.shape or str(stored.dtype) != array.dtype:
-                problems.append(ShardProblem(kind, -1, array.path, f"shape {stored.shape} dtype {stored.dtype}, "
-                                             f"expected {array.shape} {array.dtype}"))
+                problems.append(
+                    ShardProblem(
+                        kind,
+                        -1,
+                        array.path,
+                        f"shape {stored.shape} dtype {stored.dtype}, expected {array.shape} {array.dtype}",
+                    )
+                )
         complete = set(cache.complete_shards(kind))
         for shard in range(cache.spec.num_shards(kind)):
             if shard not in complete:

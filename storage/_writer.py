@@ -107,12 +107,15 @@ class CacheWriter:
             if diff and not overwrite:
                 raise CacheMismatchError(
                     f"{self.location.url} holds a cache made from other inputs; differing fields: "
-                    f"{', '.join(diff)}. Use a new output path, or overwrite=True (--overwrite) to replace it."
+                    f"{', '.join(diff)}. Use a new output path, or overwrite=True (--overwrite) to replace "
+                    "it."
                 )
             if diff:
                 self.location.remove_all()
         elif self.location.fs.exists(self.location.root) and self.location.fs.ls(self.location.root):
-            raise CacheMismatchError(f"{self.location.url} exists, is not empty and is not a cache; choose a new path.")
+            raise CacheMismatchError(
+                f"{self.location.url} exists, is not empty and is not a cache; choose a new path."
+            )
         attrs = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -124,8 +127,10 @@ class CacheWriter:
         self._group = zarr.open_group(self.location.url, mode="a", attributes=attrs)
         diff = open_spec(self.location).differences(self.spec)
         if diff:
-            raise CacheMismatchError(f"{self.location.url} was just created by another writer with other inputs: "
-                                     f"{', '.join(diff)}.")
+            raise CacheMismatchError(
+                f"{self.location.url} was just created by another writer with other inputs: "
+                f"{', '.join(diff)}."
+            )
         for kind in self.spec.kinds:
             for array in self.spec.arrays(kind):
                 self._create_array(array)
@@ -200,7 +205,9 @@ class CacheWriter:
             offsets = np.array([ids[r] - buffer.sample_ids.start for r in rows])
             repeated = offsets[buffer.filled[offsets]]
             if len(repeated):
-                raise ValueError(f"{kind}: sample {buffer.sample_ids.start + int(repeated[0])} was already added.")
+                raise ValueError(
+                    f"{kind}: sample {buffer.sample_ids.start + int(repeated[0])} was already added."
+                )
             for array in self._arrays[kind]:
                 buffer.arrays[array.path][offsets] = host[array.path][rows]
             buffer.filled[offsets] = True
@@ -214,8 +221,8 @@ class CacheWriter:
         partial = sorted(self._buffers)
         if partial:
             kind, shard = partial[0]
-            missing = [i for i, f in zip(self._buffers[partial[0]].sample_ids, self._buffers[partial[0]].filled)
-                       if not f]
+            buffer = self._buffers[partial[0]]
+            missing = [buffer.sample_ids[i] for i in np.flatnonzero(~buffer.filled)]
             raise ValueError(
                 f"{len(partial)} shard(s) received only part of their samples and were not written, e.g. "
                 f"{kind} shard {shard} lacks samples {missing[:8]}. Every shard must be written whole."

@@ -1,6 +1,6 @@
 """Deterministic fake teacher targets for storage tests; also runnable as a writer process.
 
-    python tests/cache_fixtures.py URL CODEC [--shards 0,2] [--sleep S]
+python tests/cache_fixtures.py URL CODEC [--shards 0,2] [--sleep S]
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from longred.storage import CacheSpec, CacheWriter, KindSpec
 VOCAB, HIDDEN, TOP_K = 300, 16, 4
 
 
-def tiny_spec(codec: str = "int8", *, shard_samples: int = 4, short: int = 10, s2l: int = 5, **changes) -> CacheSpec:
+def tiny_spec(
+    codec: str = "int8", *, shard_samples: int = 4, short: int = 10, s2l: int = 5, **changes
+) -> CacheSpec:
     """A small two-kind spec: short (10 x 12 tokens, layers 1 and final), s2l (5 x 20 tokens, final)."""
     fields = dict(
         teacher={"name": "tiny", "config_sha256": "c0", "weights_sha256": "w0"},
@@ -67,8 +69,14 @@ def targets_for(spec: CacheSpec, kind: str, ids: list[int]) -> dict:
     )
 
 
-def write_cache(url: str, spec: CacheSpec, *, shards: dict[str, list[int]] | None = None, batch: int = 3,
-                sleep: float = 0.0) -> None:
+def write_cache(
+    url: str,
+    spec: CacheSpec,
+    *,
+    shards: dict[str, list[int]] | None = None,
+    batch: int = 3,
+    sleep: float = 0.0,
+) -> None:
     """Write the given shards (default: the missing ones) of every kind, ``batch`` samples per call."""
     with CacheWriter(url, spec, write_threads=1, max_pending_shards=1) as writer:
         for kind in spec.kinds:

@@ -39,8 +39,9 @@ def test_plain_zarr_decoder_matches_reader(codec, where, tmp_path):
             expected = targets_for(spec, kind, [n])
             np.testing.assert_array_equal(sample["input_ids"].numpy(), expected["input_ids"][0].numpy())
             np.testing.assert_array_equal(sample["topk_ids"].numpy(), expected["topk_ids"][0].numpy())
-            np.testing.assert_allclose(sample["topk_logprobs"].numpy(), expected["topk_logprobs"][0].numpy(),
-                                       rtol=1e-3)
+            np.testing.assert_allclose(
+                sample["topk_logprobs"].numpy(), expected["topk_logprobs"][0].numpy(), rtol=1e-3
+            )
             if codec == "bf16":
                 np.testing.assert_allclose(sample["hidden"][layer], expected["hidden"][layer][0], rtol=4e-3)
 

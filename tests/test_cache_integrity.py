@@ -36,7 +36,9 @@ def test_missing_shard_and_info(tmp_path, capsys):
     url = str(tmp_path / "c.zarr")
     write_cache(url, tiny_spec(), shards={"short": [0, 2], "s2l": [0, 1]})
     problems = verify_cache(url)
-    assert [(p.kind, p.shard, p.message) for p in problems] == [("short", 1, "incomplete: no completion record")]
+    assert [(p.kind, p.shard, p.message) for p in problems] == [
+        ("short", 1, "incomplete: no completion record")
+    ]
     assert main(["cache", "info", url]) == 0
     out = capsys.readouterr().out
     assert "shards 2/3 complete, missing [1]" in out and "short  10 samples x 12 tokens (1 held out)" in out

@@ -52,10 +52,15 @@ def test_samples_decode_to_the_written_targets(cache_url):
     expected = targets_for(spec, "short", [sample["sample_id"]])
     assert torch.equal(sample["input_ids"], expected["input_ids"][0])
     assert set(sample["hidden"]) == {"final"} and "topk_ids" not in sample
-    cos = torch.nn.functional.cosine_similarity(sample["hidden"]["final"], expected["hidden"]["final"][0], dim=-1)
+    cos = torch.nn.functional.cosine_similarity(
+        sample["hidden"]["final"], expected["hidden"]["final"][0], dim=-1
+    )
     assert cos.min() > 0.999
     batch = collate([sample, sample])
-    assert batch["hidden"]["final"].shape == (2, 12, 16) and batch["sample_id"].tolist() == [sample["sample_id"]] * 2
+    assert (
+        batch["hidden"]["final"].shape == (2, 12, 16)
+        and batch["sample_id"].tolist() == [sample["sample_id"]] * 2
+    )
 
 
 def test_heldout_only_on_request_and_bad_layers(cache_url):

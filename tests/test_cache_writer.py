@@ -78,12 +78,21 @@ def test_two_writer_processes_on_disjoint_shards(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda t: t.update(input_ids=t["input_ids"][:, :5]), r"input_ids has shape \(3, 5\), expected \(3, 12\)"),
+        (
+            lambda t: t.update(input_ids=t["input_ids"][:, :5]),
+            r"input_ids has shape \(3, 5\), expected \(3, 12\)",
+        ),
         (lambda t: t.update(input_ids=t["input_ids"].float()), "input_ids must hold integers"),
-        (lambda t: t["hidden"]["1"].__setitem__((1, 2, 3), float("nan")), r"hidden\[1\] of sample 4 contains NaN"),
+        (
+            lambda t: t["hidden"]["1"].__setitem__((1, 2, 3), float("nan")),
+            r"hidden\[1\] of sample 4 contains NaN",
+        ),
         (lambda t: t["hidden"]["final"].__setitem__((0, 0, 0), float("inf")), r"hidden\[final\] of sample 3"),
         (lambda t: t.update(sample_ids=[3, 4, 99]), r"sample ids \[99\] out of range \[0, 10\)"),
-        (lambda t: t["topk_ids"].__setitem__((2, 0, 0), 300), r"topk_ids of sample 5 contains token ids outside"),
+        (
+            lambda t: t["topk_ids"].__setitem__((2, 0, 0), 300),
+            r"topk_ids of sample 5 contains token ids outside",
+        ),
         (lambda t: t["hidden"].pop("1"), r"hidden must hold layers \['1', 'final'\]"),
         (lambda t: t.update(hidden={k: v.to(torch.int32) for k, v in t["hidden"].items()}), "floating point"),
     ],

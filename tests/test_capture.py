@@ -1,4 +1,4 @@
-"""Teacher capture parity: hooks equal output_hidden_states, top-k equals torch.topk of the full log-softmax."""
+"""Teacher capture parity: hooks = output_hidden_states, top-k = torch.topk of the full log-softmax."""
 
 import pytest
 import torch
@@ -10,8 +10,15 @@ from longred.precompute.capture import TeacherCapture, check_layers
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=200, max_position_embeddings=256)
+    config = LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=200,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -39,7 +46,9 @@ def test_capture_with_right_padding(model):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask, output_hidden_states=True)
         alone = model(ids[1:, :8], output_hidden_states=True)
-    torch.testing.assert_close(got.hidden["2"][mask.bool()], ref.hidden_states[2][mask.bool()], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got.hidden["2"][mask.bool()], ref.hidden_states[2][mask.bool()], rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(got.hidden["2"][1, :8], alone.hidden_states[2][0], rtol=1e-5, atol=1e-5)
 
 

@@ -45,8 +45,9 @@ def test_codecs_match_numpy_reference(n, t, d, seed):
     x[..., 5] *= 300  # a massive-activation channel
     np.testing.assert_array_equal(roundtrip("bf16", x), numpy_bf16(x))
     np.testing.assert_allclose(roundtrip("int8", x), numpy_int8(x), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(roundtrip("int8-outlier", x, outliers=3), numpy_int8_outlier(x, 3), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        roundtrip("int8-outlier", x, outliers=3), numpy_int8_outlier(x, 3), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_quantized_codecs_keep_direction():

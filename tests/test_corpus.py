@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from longred.precompute.corpus import SampleSet, build_samples, corpus_sha256, iter_documents
-from longred.precompute.embedded_corpus import stdlib_sources
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from longred.precompute.corpus import SampleSet, build_samples, corpus_sha256, iter_documents
+from longred.precompute.embedded_corpus import stdlib_sources
 
 WORDS = 300
 EOS = 1

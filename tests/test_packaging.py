@@ -2,17 +2,24 @@
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_contains_every_module(tmp_path):
     subprocess.run(
-        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_wheel({str(tmp_path)!r})"],
-        cwd=ROOT, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-c",
+            f"from setuptools import build_meta; build_meta.build_wheel({str(tmp_path)!r})",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("longred-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

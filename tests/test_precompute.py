@@ -20,9 +20,20 @@ from longred.teacher import load_model
 
 
 def config(teacher, out, **changes) -> PrecomputeConfig:
-    settings = dict(out=str(out), teacher=str(teacher), short_len=32, short_samples=14, heldout=2, s2l_len=128,
-                    s2l_samples=3, layers=["1", "3", "final"], top_k=6, shard_samples=4, codec="bf16",
-                    batch_tokens=96)
+    settings = dict(
+        out=str(out),
+        teacher=str(teacher),
+        short_len=32,
+        short_samples=14,
+        heldout=2,
+        s2l_len=128,
+        s2l_samples=3,
+        layers=["1", "3", "final"],
+        top_k=6,
+        shard_samples=4,
+        codec="bf16",
+        batch_tokens=96,
+    )
     settings.update(changes)
     return PrecomputeConfig(**settings)
 
@@ -32,8 +43,9 @@ def flags(cfg: PrecomputeConfig) -> list[str]:
     for name, value in vars(cfg).items():
         if value is None or value is False:
             continue
-        out += [f"--{name.replace('_', '-')}"] + ([] if value is True else [",".join(value) if isinstance(value, list)
-                                                                          else str(value)])
+        out += [f"--{name.replace('_', '-')}"] + (
+            [] if value is True else [",".join(value) if isinstance(value, list) else str(value)]
+        )
     return out
 
 
@@ -67,9 +79,13 @@ def test_changed_inputs_are_refused(tiny_teacher_dir, tmp_path, capsys):
     cfg = config(tiny_teacher_dir, tmp_path / "c.zarr", s2l_samples=0)
     run_precompute(cfg, progress=False)
     with pytest.raises(CacheMismatchError, match="kinds.short.layers"):
-        run_precompute(config(tiny_teacher_dir, cfg.out, s2l_samples=0, layers=["2", "final"]), progress=False)
+        run_precompute(
+            config(tiny_teacher_dir, cfg.out, s2l_samples=0, layers=["2", "final"]), progress=False
+        )
     with pytest.raises(CacheMismatchError, match="corpus_sha256"):
-        run_precompute(config(tiny_teacher_dir, cfg.out, s2l_samples=0, corpus="embedded:source"), progress=False)
+        run_precompute(
+            config(tiny_teacher_dir, cfg.out, s2l_samples=0, corpus="embedded:source"), progress=False
+        )
     bad = config(tiny_teacher_dir, tmp_path / "d.zarr", s2l_samples=0, layers=["4"])
     assert main(["precompute", *flags(bad)]) == 2
     assert "hidden_states[4] is the post-norm state" in capsys.readouterr().err
@@ -79,7 +95,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(tiny_teacher_dir, tmp_path):
     killed, reference = tmp_path / "killed.zarr", tmp_path / "ref.zarr"
     cfg = config(tiny_teacher_dir, killed, short_samples=30, batch_tokens=32)
     slow = str(Path(__file__).with_name("slow_precompute.py"))
-    proc = subprocess.Popen([sys.executable, slow, *flags(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, slow, *flags(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     record = killed / "_complete/short/000001.json"
     deadline = time.time() + 120
     while not record.exists() and time.time() < deadline:
@@ -97,9 +115,13 @@ def test_two_ranks_equal_one_process(tiny_teacher_dir, tmp_path):
     two, one = tmp_path / "two.zarr", tmp_path / "one.zarr"
     cfg = config(tiny_teacher_dir, two)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "longred", "precompute", *flags(cfg)],
-                         env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "longred", "precompute", *flags(cfg)],
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         for r in range(2)
     ]
     outputs = [p.communicate()[0] for p in procs]
