@@ -8,6 +8,8 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
+HEADLINE = ("short_ppl", "short_retention", "short_kl", "long_ppl", "passkey_acc", "hidden_cos_mean")
+
 
 def _cache_info(args: argparse.Namespace) -> int:
     from longred.storage import cache_info
@@ -98,6 +100,25 @@ def _select_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from longred.config import config_overrides, load_config
+    from longred.eval import EvalConfig, run_eval
+
+    config = load_config(EvalConfig, path=args.config, overrides=config_overrides(args, EvalConfig))
+    results = run_eval(config)
+    for label, r in results["models"].items():
+        print(f"{label}: " + ", ".join(f"{k}={r[k]}" for k in HEADLINE))
+    print(f"report: {config.out}/report.md")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from longred.demo import run_demo
+
+    run_demo(preset=args.preset, out=args.out)
+    return 0
+
+
 def _teacher_install(args: argparse.Namespace) -> int:
     from longred.teacher import install_embedded_teacher
 
@@ -128,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(precompute, PrecomputeConfig)
     precompute.set_defaults(run=_precompute)
+
+    from longred.eval import EvalConfig
+
+    evaluate = commands.add_parser("eval", help="short-text retention, long-text ppl, passkey, drift vs the teacher")
+    add_config_arguments(evaluate, EvalConfig)
+    evaluate.set_defaults(run=_eval)
+
+    demo = commands.add_parser("demo", help="the whole pipeline in miniature on the embedded teacher")
+    demo.add_argument("--preset", default="quick", choices=["quick", "full", "smoke"],
+                      help="quick: 2 methods, <= 15 min on 2 CPU cores; full: 4 methods; smoke: tiny random model")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.set_defaults(run=_demo)
 
     select = commands.add_parser("select-layers", help="rank layers by attention KL under the new RoPE")
     select.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
