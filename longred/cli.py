@@ -100,6 +100,30 @@ def _select_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from longred.config import config_overrides, load_config
+    from longred.train import TrainConfig, run_training
+
+    config = load_config(TrainConfig, path=args.config, overrides=config_overrides(args, TrainConfig))
+    summary = run_training(config)
+    print(
+        f"trained {summary['steps']} steps, {summary['tokens']} tokens in {summary['time_s']:.1f} s; "
+        f"student: {summary['model']}"
+    )
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from longred.bench_train import run_train_benchmark
+
+    print(
+        json.dumps(
+            run_train_benchmark(args.out, teacher=args.teacher, cache=args.cache, steps=args.steps), indent=1
+        )
+    )
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from longred.config import config_overrides, load_config
     from longred.eval import EvalConfig, run_eval
@@ -151,14 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.set_defaults(run=_precompute)
 
     from longred.eval import EvalConfig
+    from longred.train import TrainConfig
 
-    evaluate = commands.add_parser("eval", help="short-text retention, long-text ppl, passkey, drift vs the teacher")
+    train = commands.add_parser("train", help="extend the window and train the student from the cache")
+    add_config_arguments(train, TrainConfig)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="short-text retention, long-text ppl, passkey, drift vs the teacher"
+    )
     add_config_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="the whole pipeline in miniature on the embedded teacher")
-    demo.add_argument("--preset", default="quick", choices=["quick", "full", "smoke"],
-                      help="quick: 2 methods, <= 15 min on 2 CPU cores; full: 4 methods; smoke: tiny random model")
+    demo.add_argument(
+        "--preset",
+        default="quick",
+        choices=["quick", "full", "smoke"],
+        help="quick: 2 methods, <= 15 min on 2 CPU cores; full: 4 methods; smoke: tiny random model",
+    )
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(run=_demo)
 
@@ -195,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pre.add_argument("--samples", type=int, default=8, help="samples to time")
     bench_pre.add_argument("--length", type=int, default=1024, help="tokens per sample")
     bench_pre.set_defaults(run=_bench_precompute)
+    bench_train = bench.add_parser("train", help="offline vs online teacher: step time and peak memory")
+    bench_train.add_argument("--out", required=True, help="JSON file to write")
+    bench_train.add_argument(
+        "--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)"
+    )
+    bench_train.add_argument(
+        "--cache", default=None, help="cache to train from (default: precompute a small one)"
+    )
+    bench_train.add_argument("--steps", type=int, default=3, help="steps per mode (the first is not timed)")
+    bench_train.set_defaults(run=_bench_train)
 
     teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
         dest="action", required=True

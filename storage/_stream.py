@@ -110,6 +110,11 @@ class TargetStream:
 
     # iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
+        if self.epochs is None and not self.epoch_plan(self.epoch):
+            raise ValueError(
+                f"{self.cache.url}: partition {self.partition} of {self.partitions} holds no {self.kind} "
+                f"samples (fewer shards than ranks x workers); it would never yield."
+            )
         while self.epochs is None or self.epoch < self.epochs:
             plan = self._remaining(self.epoch_plan(self.epoch), self.position)
             for targets, order in self._shards(plan):
