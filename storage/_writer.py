@@ -91,6 +91,7 @@ class CacheWriter:
         self._pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="longred-write")
         self._slots = threading.BoundedSemaphore(max_pending_shards + write_threads)
         self._futures: list[Future] = []
+        self._counting = threading.Lock()
         self.bytes_written = 0
         self.shards_written = 0
 
@@ -260,9 +261,10 @@ class CacheWriter:
             self._zarr[array.path][ids.start : ids.stop] = buffer.arrays[array.path]
         record = self.location.checksum_record(kind, shard, self._arrays[kind], ids)
         self.location.write_json(CacheLocation.record_key(kind, shard), record)
-        self._complete[kind].add(shard)
-        self.bytes_written += sum(entry["bytes"] for entry in record["arrays"].values())
-        self.shards_written += 1
+        with self._counting:
+            self._complete[kind].add(shard)
+            self.bytes_written += sum(entry["bytes"] for entry in record["arrays"].values())
+            self.shards_written += 1
 
     def _raise_background_error(self) -> None:
         for future in [f for f in self._futures if f.done()]:
