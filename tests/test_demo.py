@@ -24,5 +24,6 @@ def test_smoke_demo_end_to_end(tmp_path, capsys):
         assert (out / "report" / name).is_file(), name
     assert "| longred-c |" in table and "original window 64 tokens" in results["meta"]["miniature"]
     for method in PRESETS["smoke"].methods:  # every method trained from the one cache
-        config = json.loads((out / "runs" / method / "checkpoints").glob("step-*/config.json").__next__().read_text())
+        (config_file,) = (out / "runs" / method / "checkpoints").glob("step-*/config.json")
+        config = json.loads(config_file.read_text())
         assert config["cache"] == str(out / "cache.zarr")
