@@ -11,6 +11,13 @@ __all__ = ["main", "build_parser"]
 HEADLINE = ("short_ppl", "short_retention", "short_kl", "long_ppl", "passkey_acc", "hidden_cos_mean")
 
 
+def _config(args: argparse.Namespace, cls: type):
+    """The run config from ``--config FILE.yaml`` and the flags given (flags win)."""
+    from longred.config import config_overrides, load_config
+
+    return load_config(cls, path=args.config, overrides=config_overrides(args, cls))
+
+
 def _cache_info(args: argparse.Namespace) -> int:
     from longred.storage import cache_info
 
@@ -56,12 +63,9 @@ def _bench_storage(args: argparse.Namespace) -> int:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    from longred.config import config_overrides, load_config
     from longred.precompute.job import PrecomputeConfig, run_precompute
 
-    config = load_config(
-        PrecomputeConfig, path=args.config, overrides=config_overrides(args, PrecomputeConfig)
-    )
+    config = _config(args, PrecomputeConfig)
     summary = run_precompute(config)
     print(
         f"precompute rank {summary['rank']}/{summary['world_size']} on {summary['device']}: "
@@ -101,10 +105,9 @@ def _select_layers(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from longred.config import config_overrides, load_config
     from longred.train import TrainConfig, run_training
 
-    config = load_config(TrainConfig, path=args.config, overrides=config_overrides(args, TrainConfig))
+    config = _config(args, TrainConfig)
     summary = run_training(config)
     print(
         f"trained {summary['steps']} steps, {summary['tokens']} tokens in {summary['time_s']:.1f} s; "
@@ -125,10 +128,9 @@ def _bench_train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from longred.config import config_overrides, load_config
     from longred.eval import EvalConfig, run_eval
 
-    config = load_config(EvalConfig, path=args.config, overrides=config_overrides(args, EvalConfig))
+    config = _config(args, EvalConfig)
     results = run_eval(config)
     for label, r in results["models"].items():
         print(f"{label}: " + ", ".join(f"{k}={r[k]}" for k in HEADLINE))
