@@ -62,7 +62,7 @@ def run_storage_benchmark(
         "source": f"{teacher_dir.name}: {samples} x {length} tokens of embedded:prose, "
         f"layers {','.join(layers)}",
         "hidden": _hidden_codecs(hidden),
-        "topk": _topk(model, capture, ids_NT),
+        "topk": _topk(model, hidden["final"]),
         "io": _io(teacher_dir, ids_NT, hidden, batches, vocab_size=model.config.vocab_size, copies=io_copies),
     }
     if out:
@@ -115,30 +115,29 @@ def _hidden_codecs(hidden: dict[str, torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
-def _topk(model, capture: TeacherCapture, ids_NT: torch.Tensor) -> dict:
+def _topk(model, final_NTD: torch.Tensor) -> dict:
+    """Bytes and KL of the top-k + tail representation, from the teacher's post-norm states."""
     zstd = numcodecs.Zstd(level=1, checksum=True)
     vocab = model.config.vocab_size
-    out = {}
-    for k in TOPK_SIZES:
-        kl_sum, tokens, stored = 0.0, 0, 0
-        for i in range(0, len(ids_NT), 4):
-            final = capture.base(
-                input_ids=ids_NT[i : i + 4],
-                attention_mask=torch.ones_like(ids_NT[i : i + 4]),
-                use_cache=False,
-            ).last_hidden_state
-            logprobs = (final @ model.lm_head.weight.T).float().log_softmax(-1)
+    sums = {k: {"kl": 0.0, "stored": 0} for k in TOPK_SIZES}
+    tokens = 0
+    for i in range(0, len(final_NTD), 4):
+        final = final_NTD[i : i + 4]
+        logprobs = (final @ model.lm_head.weight.T).float().log_softmax(-1)
+        tokens += final.shape[0] * final.shape[1]
+        for k in TOPK_SIZES:
             top = logprobs.topk(k, dim=-1)
             stored_logprobs = top.values.half()
             tail = logprobs.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
-            q = torch.full_like(logprobs, 0.0) + (tail - np.log(vocab - k)).unsqueeze(-1)
+            q = (tail - np.log(vocab - k)).unsqueeze(-1).expand_as(logprobs).clone()
             q.scatter_(-1, top.indices, stored_logprobs.float())
-            kl_sum += (logprobs.exp() * (logprobs - q)).sum().item()
-            tokens += final.shape[0] * final.shape[1]
+            sums[k]["kl"] += (logprobs.exp() * (logprobs - q)).sum().item()
             for array in (top.indices.numpy().astype(np.uint16), stored_logprobs.numpy(), tail.numpy()):
-                stored += _stored_bytes(array, zstd)
-        out[str(k)] = {"bytes_per_token": round(stored / tokens, 2), "kl_nats": round(kl_sum / tokens, 5)}
-    return out
+                sums[k]["stored"] += _stored_bytes(array, zstd)
+    return {
+        str(k): {"bytes_per_token": round(v["stored"] / tokens, 2), "kl_nats": round(v["kl"] / tokens, 5)}
+        for k, v in sums.items()
+    }
 
 
 def _io(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 __all__ = ["main", "build_parser"]
 
+TEACHER_HELP = "teacher model folder (default: the embedded SmolLM2-135M-Instruct)"
 HEADLINE = ("short_ppl", "short_retention", "short_kl", "long_ppl", "passkey_acc", "hidden_cos_mean")
 
 
@@ -16,6 +18,23 @@ def _config(args: argparse.Namespace, cls: type):
     from longred.config import config_overrides, load_config
 
     return load_config(cls, path=args.config, overrides=config_overrides(args, cls))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module, function = args.benchmark.split(":")
+    run = getattr(importlib.import_module(module), function)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "target", "run", "benchmark")}
+    print(json.dumps(run(**options), indent=1))
+    return 0
+
+
+def _bench_parser(bench, name: str, *, help: str, benchmark: str) -> argparse.ArgumentParser:
+    """A ``longred bench NAME`` parser with --out and --teacher; its options go to ``benchmark``."""
+    parser = bench.add_parser(name, help=help)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--teacher", default=None, help=TEACHER_HELP)
+    parser.set_defaults(run=_bench, benchmark=benchmark)
+    return parser
 
 
 def _cache_info(args: argparse.Namespace) -> int:
@@ -52,16 +71,6 @@ def _cache_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_storage(args: argparse.Namespace) -> int:
-    from longred.bench_storage import run_storage_benchmark
-
-    result = run_storage_benchmark(
-        out=args.out, teacher=args.teacher, samples=args.samples, length=args.length
-    )
-    print(json.dumps(result, indent=1))
-    return 0
-
-
 def _precompute(args: argparse.Namespace) -> int:
     from longred.precompute.job import PrecomputeConfig, run_precompute
 
@@ -73,16 +82,6 @@ def _precompute(args: argparse.Namespace) -> int:
         f"({summary['tokens_per_s']} tok/s); {summary['shards_written']} shards written "
         f"({summary['bytes_written'] / 2**20:.1f} MiB), {summary['shards_skipped']} already complete"
     )
-    return 0
-
-
-def _bench_precompute(args: argparse.Namespace) -> int:
-    from longred.bench_precompute import run_precompute_benchmark
-
-    result = run_precompute_benchmark(
-        out=args.out, teacher=args.teacher, samples=args.samples, length=args.length
-    )
-    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -112,17 +111,6 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"trained {summary['steps']} steps, {summary['tokens']} tokens in {summary['time_s']:.1f} s; "
         f"student: {summary['model']}"
-    )
-    return 0
-
-
-def _bench_train(args: argparse.Namespace) -> int:
-    from longred.bench_train import run_train_benchmark
-
-    print(
-        json.dumps(
-            run_train_benchmark(args.out, teacher=args.teacher, cache=args.cache, steps=args.steps), indent=1
-        )
     )
     return 0
 
@@ -200,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     select = commands.add_parser("select-layers", help="rank layers by attention KL under the new RoPE")
-    select.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
+    select.add_argument("--teacher", default=None, help=TEACHER_HELP)
     select.add_argument(
         "--rope", required=True, help="RoPE spec, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4"
     )
@@ -220,28 +208,32 @@ def build_parser() -> argparse.ArgumentParser:
     select.set_defaults(run=_select_layers)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
-    storage = bench.add_parser("storage", help="codecs, top-k and I/O on real teacher activations")
-    storage.add_argument("--out", required=True, help="JSON file to write")
-    storage.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
+    storage = _bench_parser(
+        bench,
+        "storage",
+        help="codecs, top-k and I/O on real teacher activations",
+        benchmark="longred.bench_storage:run_storage_benchmark",
+    )
     storage.add_argument("--samples", type=int, default=16, help="real samples to run the teacher on")
     storage.add_argument("--length", type=int, default=512, help="tokens per sample")
-    storage.set_defaults(run=_bench_storage)
-    bench_pre = bench.add_parser("precompute", help="bare teacher forward vs full precompute, same samples")
-    bench_pre.add_argument("--out", required=True, help="JSON file to write")
-    bench_pre.add_argument("--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)")
+    bench_pre = _bench_parser(
+        bench,
+        "precompute",
+        help="bare teacher forward vs full precompute, same samples",
+        benchmark="longred.bench_precompute:run_precompute_benchmark",
+    )
     bench_pre.add_argument("--samples", type=int, default=8, help="samples to time")
     bench_pre.add_argument("--length", type=int, default=1024, help="tokens per sample")
-    bench_pre.set_defaults(run=_bench_precompute)
-    bench_train = bench.add_parser("train", help="offline vs online teacher: step time and peak memory")
-    bench_train.add_argument("--out", required=True, help="JSON file to write")
-    bench_train.add_argument(
-        "--teacher", default=None, help="teacher model folder (default: embedded SmolLM2)"
+    bench_train = _bench_parser(
+        bench,
+        "train",
+        help="offline vs online teacher: step time and peak memory",
+        benchmark="longred.bench_train:run_train_benchmark",
     )
     bench_train.add_argument(
         "--cache", default=None, help="cache to train from (default: precompute a small one)"
     )
     bench_train.add_argument("--steps", type=int, default=3, help="steps per mode (the first is not timed)")
-    bench_train.set_defaults(run=_bench_train)
 
     teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
         dest="action", required=True

@@ -97,16 +97,21 @@ def build_spec_and_samples(
 ) -> tuple[CacheSpec, dict]:
     """The cache spec (fingerprint) and the token ids of every sample of every kind."""
     layers = check_layers(config.layers, model_config.num_hidden_layers)
-    short = build_samples(
-        iter_documents(config.corpus, field=config.field),
-        tokenizer,
-        length=config.short_len,
-        num_samples=config.short_samples,
-        mode=config.packing,
-        seed=config.seed,
-        heldout=config.heldout,
-        corpus=config.corpus,
-    )
+
+    def windows(length: int, count: int, *, seed: int, heldout: int = 0):
+        documents = iter_documents(config.corpus, field=config.field)
+        return build_samples(
+            documents,
+            tokenizer,
+            length=length,
+            num_samples=count,
+            mode=config.packing,
+            seed=seed,
+            heldout=heldout,
+            corpus=config.corpus,
+        )
+
+    short = windows(config.short_len, config.short_samples, seed=config.seed, heldout=config.heldout)
     samples = {"short": np.concatenate([short.input_ids_NT, short.heldout_NT])}
     kinds = {
         "short": KindSpec(
@@ -117,16 +122,7 @@ def build_spec_and_samples(
         )
     }
     if config.s2l_samples:
-        s2l = build_samples(
-            iter_documents(config.corpus, field=config.field),
-            tokenizer,
-            length=config.s2l_len,
-            num_samples=config.s2l_samples,
-            mode=config.packing,
-            seed=config.seed + 1,
-            corpus=config.corpus,
-        )
-        samples["s2l"] = s2l.input_ids_NT
+        samples["s2l"] = windows(config.s2l_len, config.s2l_samples, seed=config.seed + 1).input_ids_NT
         kinds["s2l"] = KindSpec(length=config.s2l_len, num_samples=config.s2l_samples, layers=("final",))
     spec = CacheSpec(
         teacher=teacher_identity(teacher_dir),

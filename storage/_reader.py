@@ -92,6 +92,7 @@ class TeacherCache:
         self.codec = get_codec(self.spec.codec)
         self._group = zarr.open_group(self.location.url, mode="r")
         self.attrs = dict(self._group.attrs)
+        self._complete: dict[str, set[int]] = {}
 
     @property
     def url(self) -> str:
@@ -100,7 +101,8 @@ class TeacherCache:
     def complete_shards(self, kind: str) -> list[int]:
         """Shards with a completion record, sorted."""
         self._check_kind(kind)
-        return sorted(self.location.completed_shards(kind))
+        self._complete[kind] = self.location.completed_shards(kind)
+        return sorted(self._complete[kind])
 
     def missing_shards(self, kind: str) -> list[int]:
         done = set(self.complete_shards(kind))
@@ -115,7 +117,7 @@ class TeacherCache:
         layers: tuple[str, ...] | None = None,
     ) -> Targets:
         """Read and decode one whole shard (the efficient unit of I/O)."""
-        if shard not in self.location.completed_shards(kind):
+        if not self._is_complete(kind, shard):
             raise MissingShardError(
                 f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
             )
@@ -136,7 +138,7 @@ class TeacherCache:
         if not 0 <= sample_id < n:
             raise IndexError(f"{kind}: sample id {sample_id} out of range [0, {n}).")
         shard = sample_id // self.spec.shard_samples
-        if shard not in self.location.completed_shards(kind):
+        if not self._is_complete(kind, shard):
             raise MissingShardError(
                 f"{self.url}: sample {sample_id} is in {kind} shard {shard}, not complete."
             )
@@ -152,6 +154,12 @@ class TeacherCache:
         return TargetStream(self, kind, **kwargs)
 
     # internals ---------------------------------------------------------------------------------------
+    def _is_complete(self, kind: str, shard: int) -> bool:
+        """Completion records only ever appear, so known ones are kept; a miss lists the store again."""
+        if shard not in self._complete.get(kind, ()):
+            self.complete_shards(kind)
+        return shard in self._complete[kind]
+
     def _check_kind(self, kind: str) -> None:
         if kind not in self.spec.kinds:
             raise ValueError(f"{self.url} holds kinds {sorted(self.spec.kinds)}, not {kind!r}.")

@@ -113,7 +113,7 @@ class CacheWriter:
                 )
             if diff:
                 self.location.remove_all()
-        elif self.location.fs.exists(self.location.root) and self.location.fs.ls(self.location.root):
+        elif self._holds_other_data():
             raise CacheMismatchError(
                 f"{self.location.url} exists, is not empty and is not a cache; choose a new path."
             )
@@ -135,6 +135,14 @@ class CacheWriter:
         for kind in self.spec.kinds:
             for array in self.spec.arrays(kind):
                 self._create_array(array)
+
+    def _holds_other_data(self) -> bool:
+        """A non-cache folder at the path. zarr's in-flight ``*.partial`` files (a concurrent writer
+        creating the same cache) do not count."""
+        fs, root = self.location.fs, self.location.root
+        if not fs.exists(root):
+            return False
+        return any(not str(p).endswith(".partial") for p in fs.ls(root, detail=False))
 
     def _create_array(self, array: ArraySpec) -> None:
         per_sample = array.shape[1:]

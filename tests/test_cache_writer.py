@@ -120,3 +120,10 @@ def test_invalid_specs_list_every_problem():
         KindSpec(length=4, num_samples=2, layers=("1",), heldout=(5,))
     with pytest.raises(ValueError, match="non-negative integer or 'final'"):
         KindSpec(length=4, num_samples=2, layers=("last",))
+
+
+def test_a_folder_holding_other_data_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a cache")
+    with pytest.raises(CacheMismatchError, match="is not empty and is not a cache"):
+        CacheWriter(str(tmp_path), tiny_spec())
+    assert (tmp_path / "notes.txt").read_text() == "not a cache"
