@@ -25,7 +25,14 @@ from longred.teacher import load_model, load_tokenizer, resolve_teacher, teacher
 from .capture import TeacherCapture, check_layers
 from .corpus import build_samples, corpus_sha256, iter_documents
 
-__all__ = ["PrecomputeConfig", "run_precompute", "fill_shards", "build_spec_and_samples", "distributed_rank"]
+__all__ = [
+    "PrecomputeConfig",
+    "run_precompute",
+    "fill_shards",
+    "cut_samples",
+    "build_spec_and_samples",
+    "distributed_rank",
+]
 
 
 @dataclass(kw_only=True)
@@ -92,11 +99,13 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_spec_and_samples(
-    config: PrecomputeConfig, tokenizer, model_config, teacher_dir
-) -> tuple[CacheSpec, dict]:
-    """The cache spec (fingerprint) and the token ids of every sample of every kind."""
-    layers = check_layers(config.layers, model_config.num_hidden_layers)
+def cut_samples(config: PrecomputeConfig, tokenizer) -> dict[str, np.ndarray]:
+    """The token ids of every sample of every kind the config asks for, cut from its corpus.
+
+    Returns:
+        {"short": (short_samples + heldout, short_len) with the held-out rows last,
+        "s2l": (s2l_samples, s2l_len) when s2l_samples > 0}, int32.
+    """
 
     def windows(length: int, count: int, *, seed: int, heldout: int = 0):
         documents = iter_documents(config.corpus, field=config.field)
@@ -113,6 +122,17 @@ def build_spec_and_samples(
 
     short = windows(config.short_len, config.short_samples, seed=config.seed, heldout=config.heldout)
     samples = {"short": np.concatenate([short.input_ids_NT, short.heldout_NT])}
+    if config.s2l_samples:
+        samples["s2l"] = windows(config.s2l_len, config.s2l_samples, seed=config.seed + 1).input_ids_NT
+    return samples
+
+
+def build_spec_and_samples(
+    config: PrecomputeConfig, tokenizer, model_config, teacher_dir
+) -> tuple[CacheSpec, dict]:
+    """The cache spec (fingerprint) and the token ids of every sample of every kind."""
+    layers = check_layers(config.layers, model_config.num_hidden_layers)
+    samples = cut_samples(config, tokenizer)
     kinds = {
         "short": KindSpec(
             length=config.short_len,
@@ -122,7 +142,6 @@ def build_spec_and_samples(
         )
     }
     if config.s2l_samples:
-        samples["s2l"] = windows(config.s2l_len, config.s2l_samples, seed=config.seed + 1).input_ids_NT
         kinds["s2l"] = KindSpec(length=config.s2l_len, num_samples=config.s2l_samples, layers=("final",))
     spec = CacheSpec(
         teacher=teacher_identity(teacher_dir),

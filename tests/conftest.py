@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny random Llama teacher with a real BPE tokenizer (built once per session)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from longred.tiny import build_tiny_teacher
 
@@ -10,3 +12,15 @@ from longred.tiny import build_tiny_teacher
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny") / "tiny-llama", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def sharp_teacher(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny teacher with its matrices scaled by 3. The tiny random teacher's blocks barely change its
+    residual stream (1 - cos ~ 1e-5 between RoPE variants); this copy drifts ~1e-2, as a real model does."""
+    folder = tmp_path_factory.mktemp("sharp") / "teacher"
+    shutil.copytree(tiny_teacher_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights = {k: v * 3 if v.ndim == 2 and "embed" not in k else v for k, v in weights.items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

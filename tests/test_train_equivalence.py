@@ -1,17 +1,13 @@
 """Offline (cached) targets against the live teacher (teacher_mode online): same losses, same parameters.
 
-The tiny random teacher's blocks barely change its residual stream (1 - cos ~ 1e-5 between RoPE variants),
-so these tests use a "sharpened" copy, its matrices scaled by 3 (drift ~ 1e-2, as in a real model), for the
-distillation losses to mean something at the 1% level.
+These tests use the sharpened tiny teacher (conftest.py), for the distillation losses to mean something
+at the 1% level.
 """
 
 from __future__ import annotations
 
-import shutil
-
-import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
 
 from longred.config import load_config
@@ -21,16 +17,6 @@ from longred.train.metrics import MetricsLog
 
 STEPS = 3
 KEYS = ("loss", "loss_long", "loss_short", "loss_s2l")
-
-
-@pytest.fixture(scope="module")
-def sharp_teacher(tiny_teacher_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sharp") / "teacher"
-    shutil.copytree(tiny_teacher_dir, folder)
-    weights = load_file(folder / "model.safetensors")
-    weights = {k: v * 3 if v.ndim == 2 and "embed" not in k else v for k, v in weights.items()}
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 def cache_with(teacher, folder, codec: str) -> str:

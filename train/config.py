@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from longred.config import check
 from longred.rope import parse_rope_spec
 
-__all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES"]
+__all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
 
 METHODS = ("longred-c", "longred-u", "long-cpt", "mix-cpt")
 """LongReD with CREAM / uniform skipped positions; long-text-only and mixed-text continual pre-training."""
 RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints"})
 """Settings a rerun on the same `out` may change; any other difference refuses to resume."""
+SHORT_CORPUS_SETTINGS = ("short_len", "short_samples", "s2l_len", "s2l_samples", "top_k")
+"""How the texts are cut from short_corpus (`longred precompute`'s settings of the same names)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -50,7 +52,8 @@ class TrainConfig:
     student: str | None = None
     """Initial student weights (default: the teacher's)."""
     allow_other_student: bool = False
-    """Train a student whose weights or tokenizer differ from the cache's teacher instead of refusing."""
+    """Train a student whose weights or tokenizer differ from the teacher's (the cache's or the online
+    one) instead of refusing."""
     dtype: str = "float32"
     """Student parameter dtype (float32 keeps fp32 master weights; compute is bf16 autocast on GPU)."""
     attn_implementation: str | None = None
@@ -59,6 +62,21 @@ class TrainConfig:
     # data ------------------------------------------------------------------------------------------
     cache: str | None = None
     """Teacher cache from `longred precompute` (short and s2l samples and targets); not needed by long-cpt."""
+    short_corpus: str | None = None
+    """Instead of a cache (teacher_mode online, mix-cpt): the corpus the short and s2l texts are cut from,
+    exactly as `longred precompute` cuts them (with heldout 0)."""
+    short_field: str = "text"
+    """JSONL field or Parquet/dataset column of short_corpus."""
+    short_len: int | None = None
+    """With short_corpus: tokens per short text (default: precompute's, 1024)."""
+    short_samples: int | None = None
+    """With short_corpus: short texts cut (default: precompute's, 256)."""
+    s2l_len: int | None = None
+    """With short_corpus: tokens per s2l text, the original window (default: precompute's, 8192)."""
+    s2l_samples: int | None = None
+    """With short_corpus: s2l texts cut (default: precompute's, 16)."""
+    top_k: int | None = None
+    """With short_corpus: top-k of the live teacher's log-probabilities for s2l_kl_weight (default: 64)."""
     long_corpus: str
     """Long-text corpus: file, folder, HF dataset folder, or embedded:prose / embedded:source."""
     long_field: str = "text"
@@ -68,7 +86,8 @@ class TrainConfig:
     long_samples: int = 1024
     """Long windows tokenized once (kept in out/data/); the stream cycles through them."""
     layers: list[str] | None = None
-    """Distilled short-text layers, a subset of the cache's (default: all stored)."""
+    """Distilled short-text layers, a subset of the cache's (default: all stored; with short_corpus:
+    precompute's default layers)."""
     long_batch: int = 1
     """Long texts per micro-batch per rank."""
     short_batch: int = 8
@@ -185,8 +204,26 @@ class TrainConfig:
     def _objective_problems(self) -> list[str]:
         problems = []
         distils = self.method in ("longred-c", "longred-u")
+        for name in SHORT_CORPUS_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and self.short_corpus is None:
+                problems.append(f"{name} applies to the texts cut from short_corpus; a cache fixes it")
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        if self.short_corpus is not None and self.method == "long-cpt":
+            problems.append("short_corpus is unused: method long-cpt trains on long texts only")
+        if self.cache is not None and self.short_corpus is not None:
+            problems.append("set cache or short_corpus, not both (a cache holds its own short and s2l texts)")
         if self.cache is None and self.method != "long-cpt":
-            problems.append(f"method {self.method} needs a cache (set cache), or use method long-cpt")
+            if distils and self.teacher_mode == "offline":
+                problems.append(
+                    f"method {self.method} with teacher_mode offline needs a cache (set cache); or set "
+                    "teacher_mode online with short_corpus, or use method long-cpt"
+                )
+            elif self.short_corpus is None:
+                problems.append(f"method {self.method} needs short and s2l texts: set cache or short_corpus")
+        if self.online_rounding and self.cache is None:
+            problems.append("online_rounding rounds live targets as a cache's codec does; it needs a cache")
         if self.teacher_mode == "online" and not distils:
             problems.append(
                 f"teacher_mode online computes distillation targets; method {self.method} has none"

@@ -6,7 +6,9 @@
   16K windows of 32K tokens are 2 GiB of int32). The cost of the simple design is that the windows come
   from the head of the corpus (see precompute/corpus.py).
 - `short` and `s2l`: the cache's samples through `TeacherCache.stream` (its token ids, never
-  re-tokenized; partitioned per rank by shard, shuffled, resumable).
+  re-tokenized; partitioned per rank by shard, shuffled, resumable). A cacheless run (teacher_mode
+  online or mix-cpt with `short_corpus`) cuts them as precompute would (`cut_samples`), keeps them in
+  `out/data/` beside the long windows, and reads them like the long windows.
 
 Every stream is resumable from `{"seed", "epoch", "position"}`; `Streams.state_dict` gathers them.
 A long window is dealt to ranks by striding (rank r takes items r, r + W, ... of the epoch's permutation)
@@ -29,12 +31,22 @@ import numpy as np
 import torch
 
 from longred.precompute.corpus import build_samples, iter_documents
+from longred.precompute.job import PrecomputeConfig, cut_samples
 from longred.storage import HiddenCodec, TeacherCache, collate
 from longred.train.positions import PositionSampler
 
-from .config import TrainConfig
+from .config import SHORT_CORPUS_SETTINGS, TrainConfig
 
-__all__ = ["WindowStream", "long_windows", "Streams", "MicroBatch", "OnlineTargets", "s2l_position_ids"]
+__all__ = [
+    "WindowStream",
+    "long_windows",
+    "short_corpus_source",
+    "short_windows",
+    "Streams",
+    "MicroBatch",
+    "OnlineTargets",
+    "s2l_position_ids",
+]
 
 
 class WindowStream:
@@ -89,7 +101,6 @@ def long_windows(
     Raises:
         ValueError: the corpus has too little text (from `build_samples`).
     """
-    file, meta_file = folder / "long.npy", folder / "long.json"
     meta = {
         "corpus": config.long_corpus,
         "field": config.long_field,
@@ -99,9 +110,8 @@ def long_windows(
         "seed": config.seed,
         "vocab_size": len(tokenizer),
     }
-    if rank == 0 and not (
-        file.is_file() and meta_file.is_file() and json.loads(meta_file.read_text()) == meta
-    ):
+
+    def build() -> dict[str, np.ndarray]:
         windows = build_samples(
             iter_documents(config.long_corpus, field=config.long_field),
             tokenizer,
@@ -111,13 +121,61 @@ def long_windows(
             seed=config.seed,
             corpus=config.long_corpus,
         )
+        return {"long": windows.input_ids_NT}
+
+    return _tokenized_once(folder, "long", meta, build, rank=rank, barrier=barrier)["long"]
+
+
+def short_corpus_source(config: TrainConfig) -> PrecomputeConfig:
+    """The precompute settings that cut a cacheless run's short and s2l texts from `short_corpus`."""
+    chosen = {name: getattr(config, name) for name in SHORT_CORPUS_SETTINGS}
+    chosen = {name: value for name, value in chosen.items() if value is not None}
+    if config.layers is not None:
+        chosen["layers"] = config.layers
+    return PrecomputeConfig(
+        out="", corpus=config.short_corpus, field=config.short_field, heldout=0, seed=config.seed, **chosen
+    )
+
+
+def short_windows(
+    source: PrecomputeConfig, tokenizer, *, folder: Path, rank: int, barrier: Callable[[], None]
+) -> dict[str, np.ndarray]:
+    """{"short", "s2l"} token windows of a cacheless run: the samples `longred precompute` with `source`
+    would store, cut once by rank 0 and memory-mapped."""
+    settings = ("corpus", "field", "short_len", "short_samples", "s2l_len", "s2l_samples", "packing", "seed")
+    meta = {name: getattr(source, name) for name in settings} | {"vocab_size": len(tokenizer)}
+    return _tokenized_once(
+        folder, "short", meta, lambda: cut_samples(source, tokenizer), rank=rank, barrier=barrier
+    )
+
+
+def _tokenized_once(
+    folder: Path,
+    group: str,
+    meta: dict,
+    build: Callable[[], dict[str, np.ndarray]],
+    *,
+    rank: int,
+    barrier: Callable[[], None],
+) -> dict[str, np.ndarray]:
+    """Arrays built by rank 0 into folder/NAME.npy unless `folder/GROUP.json` records the same `meta`;
+    every rank memory-maps them after the barrier."""
+    meta_file = folder / f"{group}.json"
+    stored = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+    current = stored is not None and stored["meta"] == meta
+    current = current and all((folder / f"{name}.npy").is_file() for name in stored["arrays"])
+    if rank == 0 and not current:
+        meta_file.unlink(missing_ok=True)  # never a new meta beside old arrays, nor old meta beside new ones
+        arrays = build()
         folder.mkdir(parents=True, exist_ok=True)
-        scratch = folder / f".long-{os.getpid()}.npy"
-        np.save(scratch, windows.input_ids_NT)
-        scratch.replace(file)
-        meta_file.write_text(json.dumps(meta))
+        for name, array in arrays.items():
+            scratch = folder / f".{name}-{os.getpid()}.npy"
+            np.save(scratch, array)
+            scratch.replace(folder / f"{name}.npy")
+        meta_file.write_text(json.dumps({"meta": meta, "arrays": sorted(arrays)}))
     barrier()
-    return np.load(file, mmap_mode="r")
+    names = json.loads(meta_file.read_text())["arrays"]
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}
 
 
 class Streams:
@@ -132,14 +190,18 @@ class Streams:
         cls,
         config: TrainConfig,
         *,
-        long_NT: np.ndarray,
+        windows: dict[str, np.ndarray],
         cache: TeacherCache | None,
         layers: tuple[str, ...],
         rank: int,
         world_size: int,
     ) -> Streams:
-        """long from the windows; short and s2l from the cache, with the fields the method reads."""
-        streams: dict = {"long": WindowStream(long_NT, seed=config.seed, rank=rank, world_size=world_size)}
+        """A `WindowStream` per token-window array ("long"; "short" and "s2l" without a cache), and short
+        and s2l from the cache, with the fields the method reads, when there is one."""
+        streams: dict = {
+            name: WindowStream(windows_NT, seed=config.seed, rank=rank, world_size=world_size)
+            for name, windows_NT in windows.items()
+        }
         if cache is not None and config.method != "long-cpt":
             offline = config.distils and config.teacher_mode == "offline"
             topk = ("topk",) if config.s2l_kl_weight > 0 else ()

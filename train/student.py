@@ -3,9 +3,10 @@ that keep the two models apart.
 
 The student is loaded with the RoPE spec written into its config (`config.rope_parameters`, transformers
 v5) before the model is built, so `save_pretrained` stores the extended RoPE and new window and
-`AutoModelForCausalLM` / vLLM load it as is. It must start from the weights the cache was computed from:
-its weights, config and tokenizer hashes are compared with the cache's teacher fingerprint and a mismatch
-is refused unless `allow_other_student` is set. Hashing reads the weights once (about 1 s per GB).
+`AutoModelForCausalLM` / vLLM load it as is. It must start from the weights the targets come from: its
+weights, config and tokenizer hashes are compared with the cache's teacher fingerprint (or, without a
+cache, the online teacher's) and a mismatch is refused unless `allow_other_student` is set. Hashing reads
+the weights once (about 1 s per GB).
 
 The authors' code attached the teacher as a submodule with `requires_grad = False` set as an attribute,
 so weight decay moved it and checkpoints carried it. Here the teacher (online mode only) is a separate
@@ -23,12 +24,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from longred.rope import parse_rope_spec
-from longred.storage import CacheSpec
 from longred.teacher import load_model, teacher_identity, tokenizer_sha256
 
 __all__ = [
     "StructureError",
     "check_fingerprint",
+    "teacher_fingerprint",
     "build_student",
     "load_teacher",
     "build_optimizer",
@@ -45,12 +46,20 @@ class StructureError(RuntimeError):
     """A structural invariant is broken (teacher trainable or optimised, a parameter in no group)."""
 
 
-def check_fingerprint(student_dir: str | Path, spec: CacheSpec, *, allow_other: bool) -> list[str]:
-    """Compare a student folder with the teacher that filled the cache.
+def teacher_fingerprint(path: str | Path) -> dict:
+    """A model folder's identity in `check_fingerprint`'s terms: {"teacher", "tokenizer_sha256"}."""
+    return {"teacher": teacher_identity(path), "tokenizer_sha256": tokenizer_sha256(path)}
+
+
+def check_fingerprint(
+    student_dir: str | Path, *, teacher: dict, tokenizer_sha256: str, allow_other: bool
+) -> list[str]:
+    """Compare a student folder with the teacher the distillation targets come from.
 
     Args:
         student_dir: the initial student's Hugging Face folder.
-        spec: the cache's spec (its `teacher` identity and `tokenizer_sha256`).
+        teacher: the teacher's identity (a cache spec's `teacher`, or `teacher_fingerprint(...)["teacher"]`).
+        tokenizer_sha256: the teacher's tokenizer hash.
         allow_other: return the differences instead of raising.
 
     Returns:
@@ -59,14 +68,14 @@ def check_fingerprint(student_dir: str | Path, spec: CacheSpec, *, allow_other: 
     Raises:
         ValueError: they differ and `allow_other` is False.
     """
-    identity = teacher_identity(student_dir)
-    differ = [k for k in ("config_sha256", "weights_sha256") if identity[k] != spec.teacher[k]]
-    if tokenizer_sha256(student_dir) != spec.tokenizer_sha256:
+    identity = teacher_fingerprint(student_dir)
+    differ = [k for k in ("config_sha256", "weights_sha256") if identity["teacher"][k] != teacher[k]]
+    if identity["tokenizer_sha256"] != tokenizer_sha256:
         differ.append("tokenizer_sha256")
     if differ and not allow_other:
         raise ValueError(
-            f"Student {str(student_dir)!r} is not the cache's teacher {spec.teacher['name']!r}: "
-            f"{', '.join(differ)} differ. Its targets were computed from other weights; set student to the "
+            f"Student {str(student_dir)!r} is not the teacher {teacher['name']!r}: {', '.join(differ)} "
+            "differ, and the distillation targets come from the teacher's weights; set student to the "
             "teacher's folder, or allow_other_student to train it anyway."
         )
     return differ

@@ -22,19 +22,34 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from longred.precompute.capture import TeacherCapture
+from longred.precompute.capture import TeacherCapture, check_layers
 from longred.storage import TeacherCache
 from longred.teacher import load_tokenizer, resolve_teacher
 from longred.train.positions import PositionSampler
 
 from .checkpoint import check_resumable, checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import MicroBatch, OnlineTargets, Streams, long_windows, s2l_position_ids
+from .data import (
+    MicroBatch,
+    OnlineTargets,
+    Streams,
+    long_windows,
+    s2l_position_ids,
+    short_corpus_source,
+    short_windows,
+)
 from .metrics import MetricsLog, peak_memory_mb, plot_losses
 from .objectives import StudentObjectives
 from .parallel import Distributed, gradient_sync, parallelize
 from .schedule import LRSchedule, describe_weights, effective_weights, step_plan
-from .student import build_optimizer, build_student, check_fingerprint, check_structure, load_teacher
+from .student import (
+    build_optimizer,
+    build_student,
+    check_fingerprint,
+    check_structure,
+    load_teacher,
+    teacher_fingerprint,
+)
 
 __all__ = ["Trainer", "run_training"]
 
@@ -57,6 +72,7 @@ class Trainer:
         self.dist = Distributed.setup(cfg.device)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = TeacherCache(cfg.cache) if cfg.cache else None
+        self.source = short_corpus_source(cfg) if cfg.short_corpus else None
         self.fingerprint = json.loads(json.dumps(self.cache.spec.to_attrs())) if self.cache else None
         self.resumed_from = latest_checkpoint(self.out)
         if self.resumed_from is not None:
@@ -66,9 +82,8 @@ class Trainer:
                 fingerprint=self.fingerprint,
                 world_size=self.dist.world_size,
             )
-        layers = self.cache.resolve_layers("short", cfg.layers) if cfg.distils else ()
-        self._build_models(layers)
-        self._build_data(layers)
+        self._build_models()
+        self._build_data()
         self.step, self.tokens, self.time_s = 0, 0, 0.0
         if self.resumed_from is not None:
             state = load_checkpoint(self.resumed_from, model=self.model, optimizer=self.optimizer)
@@ -92,15 +107,21 @@ class Trainer:
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} (step {self.step} of {cfg.steps})")
 
-    def _build_models(self, layers: tuple[str, ...]) -> None:
+    def _build_models(self) -> None:
         """Student (fingerprint-checked, extended RoPE), its wrapped objectives, AdamW, the online teacher."""
         cfg, online = self.config, self.config.teacher_mode == "online"
         teacher_dir = resolve_teacher(cfg.teacher) if cfg.student is None or online else None
         student_dir = Path(cfg.student) if cfg.student else teacher_dir
-        if self.cache is not None and self.resumed_from is None:
-            check_fingerprint(student_dir, self.cache.spec, allow_other=cfg.allow_other_student)
-        if online:  # the live teacher must be the one that filled the cache, whatever the student
-            check_fingerprint(teacher_dir, self.cache.spec, allow_other=False)
+        reference = None  # the weights the distillation targets come from
+        if self.cache is not None:
+            spec = self.cache.spec
+            reference = {"teacher": spec.teacher, "tokenizer_sha256": spec.tokenizer_sha256}
+        elif online and student_dir != teacher_dir:
+            reference = teacher_fingerprint(teacher_dir)
+        if reference is not None and self.resumed_from is None:
+            check_fingerprint(student_dir, **reference, allow_other=cfg.allow_other_student)
+        if online and self.cache is not None:  # the live teacher must be the one that filled the cache
+            check_fingerprint(teacher_dir, **reference, allow_other=False)
         source = self.resumed_from / "model" if self.resumed_from else student_dir
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
@@ -112,13 +133,15 @@ class Trainer:
             attn_implementation=cfg.attn_implementation,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
-        if cfg.distils and self.cache.spec.hidden_size != self.student.config.hidden_size:
-            raise ValueError(
-                f"The cache's hidden size {self.cache.spec.hidden_size} is not the student's "
-                f"{self.student.config.hidden_size}."
-            )
+        self.teacher = load_teacher(teacher_dir, device=self.dist.device) if online else None
+        self.layers = self._distilled_layers()
+        if cfg.distils:  # without a cache, distillation is online: the teacher is loaded
+            size = self.cache.spec.hidden_size if self.cache is not None else self.teacher.config.hidden_size
+            if size != self.student.config.hidden_size:
+                student_size = self.student.config.hidden_size
+                raise ValueError(f"The teacher's hidden size {size} is not the student's {student_size}.")
         self.objectives = StudentObjectives(
-            self.student, layers=layers, chunk_tokens=cfg.chunk_tokens, s2l_kl_weight=cfg.s2l_kl_weight
+            self.student, layers=self.layers, chunk_tokens=cfg.chunk_tokens, s2l_kl_weight=cfg.s2l_kl_weight
         )
         blocks, world = self.student.model.layers, self.dist.world_size
         self.model = parallelize(
@@ -130,26 +153,28 @@ class Trainer:
             compile=cfg.compile,
         )
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.teacher = load_teacher(teacher_dir, device=self.dist.device) if online else None
         check_structure(student=self.student, optimizer=self.optimizer, teacher=self.teacher)
         self.online = None
         if online:
-            top_k, codec = self.cache.spec.top_k, self.cache.codec if cfg.online_rounding else None
+            top_k = self.cache.spec.top_k if self.cache is not None else self.source.top_k
+            codec = self.cache.codec if cfg.online_rounding else None
             capture = {
-                "short": TeacherCapture(self.teacher, layers=layers, top_k=top_k),
+                "short": TeacherCapture(self.teacher, layers=self.layers, top_k=top_k),
                 "s2l": TeacherCapture(self.teacher, layers=("final",), top_k=top_k),
             }
             self.online = OnlineTargets(capture, codec=codec)
 
-    def _build_data(self, layers: tuple[str, ...]) -> None:
-        """The streams (long windows tokenized once into out/data) and the s2l position sampler."""
-        cfg, rank = self.config, self.dist.rank
-        long_NT = long_windows(
-            cfg, self.tokenizer, folder=self.out / "data", rank=rank, barrier=self.dist.barrier
-        )
-        self.streams = Streams.build(
-            cfg, long_NT=long_NT, cache=self.cache, layers=layers, rank=rank, world_size=self.dist.world_size
-        )
+    def _distilled_layers(self) -> tuple[str, ...]:
+        """The short-text layers distilled: a subset of the cache's, or checked against the student."""
+        if not self.config.distils:
+            return ()
+        if self.cache is not None:
+            return self.cache.resolve_layers("short", self.config.layers)
+        return check_layers(self.source.layers, self.student.config.num_hidden_layers)
+
+    def _build_data(self) -> None:
+        """The streams (token windows cut once into out/data) and the s2l position sampler."""
+        cfg, rank, folder, barrier = self.config, self.dist.rank, self.out / "data", self.dist.barrier
         self.sampler = None
         if cfg.method != "long-cpt":
             length = self._length("s2l")
@@ -160,9 +185,25 @@ class Trainer:
             self.sampler = PositionSampler(
                 kind=_POSITIONS[cfg.method], length=length, extended_length=cfg.window
             )
+        windows = {"long": long_windows(cfg, self.tokenizer, folder=folder, rank=rank, barrier=barrier)}
+        if self.source is not None:
+            windows |= short_windows(self.source, self.tokenizer, folder=folder, rank=rank, barrier=barrier)
+        self.streams = Streams.build(
+            cfg,
+            windows=windows,
+            cache=self.cache,
+            layers=self.layers,
+            rank=rank,
+            world_size=self.dist.world_size,
+        )
 
     def _length(self, kind: str) -> int:
-        return self.cache.spec.kinds[kind].length if self.cache is not None else 0
+        """Tokens per sample of the short or s2l stream (0 when the run has none)."""
+        if self.cache is not None:
+            return self.cache.spec.kinds[kind].length
+        if self.source is not None:
+            return {"short": self.source.short_len, "s2l": self.source.s2l_len}[kind]
+        return 0
 
     def log(self, message: str) -> None:
         """One line of the run log (rank 0): out/train.log, and the console when progress is on."""
