@@ -2,18 +2,20 @@
 # Training step on one H100: a random-weight Llama of about 1B parameters (hidden 2048, 16 blocks, GQA 32/8,
 # MLP 8192) with 8K-token long texts, offline (cached teacher targets) vs online (the frozen teacher in memory).
 #
-# Needs: one CUDA GPU with >= 40 GB, the longred install (pip install -e .); nothing is downloaded.
+# Needs: one CUDA GPU with >= 40 GB and the longred install (pip install -e .; without network,
+# benchmarks/device_setup.sh installs it from carried wheels); nothing is downloaded.
 # Run:   bash benchmarks/gpu_train.sh [OUT_DIR]        (default runs/gpu-train; about 5 minutes)
 # Writes OUT_DIR/bench_train.json ({"device", "model", "offline": {"step_s", "peak_mem_mb"}, "online": ...,
 # "step_ratio", "mem_saved_mb"}, as `longred bench train`) and OUT_DIR/gpu_train.json, which adds tokens/s.
 # One step = 1 long text x 8192 tokens + 8 short x 256 + 1 s2l x 2048 (original window 2048, skipped positions
 # spanning 8192), bf16 autocast, fp32 AdamW states, gradient checkpointing.
 set -euo pipefail
-OUT=${1:-runs/gpu-train}
+OUT=$(realpath -m "${1:-$(dirname "$0")/../runs/gpu-train}")
+cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-PYTHON=${PYTHON:-python}
+source benchmarks/device_setup.sh
 
-"$PYTHON" - "$OUT" <<'PY'
+python3 - "$OUT" <<'PY'
 import json, sys, time
 from pathlib import Path
 
