@@ -152,3 +152,21 @@ def test_flash_attention_2_batch_of_one_matches_sdpa():
     want_BTD = _hidden(sdpa, **model_inputs(input_ids_BT, position_ids_BT=position_ids_BT))
     assert (hidden_BTD[:, -1] - changed_BTD[:, -1]).abs().max() > 1e-2
     torch.testing.assert_close(hidden_BTD, want_BTD, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_sdpa_on_cuda_in_bf16_attends_across_skipped_positions():
+    """The CUDA kernels (bf16, batch > 1) with `model_inputs` match an eager fp32 full-causal reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    input_ids_BT, changed_BT = (ids.cuda() for ids in _token_pair())
+    position_ids_BT = POSITION_IDS_BT.cuda()
+    sdpa = _model("sdpa").cuda().bfloat16()
+    hidden_BTD = _hidden(sdpa, **model_inputs(input_ids_BT, position_ids_BT=position_ids_BT))
+    changed_BTD = _hidden(sdpa, **model_inputs(changed_BT, position_ids_BT=position_ids_BT))
+    eager = _model("eager").cuda()
+    mask_B1TT = _full_causal_additive_mask_B1TT(torch.float32).cuda()
+    want_BTD = _hidden(eager, input_ids=input_ids_BT, position_ids=position_ids_BT, attention_mask=mask_B1TT)
+    assert (hidden_BTD[:, -1] - changed_BTD[:, -1]).abs().max() > 1e-2
+    torch.testing.assert_close(hidden_BTD.float(), want_BTD, atol=3e-2, rtol=3e-2)
