@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 from test_train_config import one_thread  # noqa: F401 (fixture)
-from test_train_equivalence import KEYS, relative
+from test_train_equivalence import KEYS, cache_with, relative
 from test_train_run import losses, tiny_config
 
-from longred.precompute.job import PrecomputeConfig, run_precompute
 from longred.storage import TeacherCache
 from longred.teacher import load_tokenizer
 from longred.train import run_training
@@ -18,26 +17,7 @@ from longred.train.data import short_corpus_source, short_windows
 from longred.train.metrics import MetricsLog
 
 CUT = dict(short_len=32, s2l_len=64, top_k=8)
-"""How texts are cut here, in precompute's and in train's settings alike."""
-
-
-def precompute(teacher, out, *, short_samples: int, s2l_samples: int) -> str:
-    run_precompute(
-        PrecomputeConfig(
-            out=str(out),
-            teacher=str(teacher),
-            short_samples=short_samples,
-            heldout=0,
-            s2l_samples=s2l_samples,
-            layers=["1", "3", "final"],
-            shard_samples=4,
-            codec="bf16",
-            batch_tokens=128,
-            **CUT,
-        ),
-        progress=False,
-    )
-    return str(out)
+"""How texts are cut here, in precompute's and in train's settings alike (as `cache_with`'s)."""
 
 
 def cacheless(teacher, out, **changes):
@@ -47,7 +27,7 @@ def cacheless(teacher, out, **changes):
 
 
 def test_cut_samples_are_the_cache_samples(tiny_teacher_dir, tmp_path):
-    cache = TeacherCache(precompute(tiny_teacher_dir, tmp_path / "c.zarr", short_samples=6, s2l_samples=3))
+    cache = TeacherCache(cache_with(tiny_teacher_dir, tmp_path, "bf16", short_samples=6, s2l_samples=3))
     config = cacheless(tiny_teacher_dir, tmp_path / "run", short_samples=6, s2l_samples=3)
     windows = short_windows(
         short_corpus_source(config),
@@ -69,7 +49,7 @@ def test_cut_samples_are_the_cache_samples(tiny_teacher_dir, tmp_path):
 
 def test_cacheless_online_equals_online_with_a_cache(sharp_teacher, tmp_path):
     """One short and one s2l text, so both runs read them in the same order; targets are live in both."""
-    cache = precompute(sharp_teacher, tmp_path / "c.zarr", short_samples=1, s2l_samples=1)
+    cache = cache_with(sharp_teacher, tmp_path, "bf16", short_samples=1, s2l_samples=1)
     tuning = dict(steps=3, lr=3e-3, grad_clip=0.0, s2l_kl_weight=0.5, save_every=0)
     run_training(
         tiny_config(sharp_teacher, cache, tmp_path / "cached", teacher_mode="online", **tuning),

@@ -19,22 +19,19 @@ STEPS = 3
 KEYS = ("loss", "loss_long", "loss_short", "loss_s2l")
 
 
-def cache_with(teacher, folder, codec: str) -> str:
+def cache_with(teacher, folder, codec: str, **changes) -> str:
+    """A cache of 12 short texts of 32 tokens (layers 1, 3, final) and 6 s2l texts of 64, top-8."""
     out = str(folder / f"{codec}.zarr")
+    settings = dict(short_len=32, short_samples=12, heldout=0, s2l_len=64, s2l_samples=6, top_k=8) | changes
     run_precompute(
         PrecomputeConfig(
             out=out,
             teacher=str(teacher),
-            short_len=32,
-            short_samples=12,
-            heldout=0,
-            s2l_len=64,
-            s2l_samples=6,
             layers=["1", "3", "final"],
-            top_k=8,
             shard_samples=4,
             codec=codec,
             batch_tokens=128,
+            **settings,
         ),
         progress=False,
     )
