@@ -84,7 +84,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is None and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        doc = docs.get(f.name, "")
+        help_text = doc if "(default" in doc else f"{doc} (default: {default})"  # the doc may explain it
         if hint is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
