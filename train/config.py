@@ -108,7 +108,8 @@ class TrainConfig:
     s2l_kl_weight: float = 0.0
     """Adds this times KL(teacher top-k + tail || student) to L_s2l (0: cosine only, as the paper)."""
     teacher_mode: str = "offline"
-    """offline: targets streamed from the cache; online: the frozen teacher computes them live."""
+    """offline: targets streamed from the cache; online: the frozen teacher computes them live (on the
+    cache's texts, or on texts cut from short_corpus: no cache needed)."""
     online_rounding: bool = False
     """teacher_mode online: round the live targets as the cache stores them (codec, float16 top-k)."""
     chunk_tokens: int = 1024
