@@ -20,7 +20,7 @@ from longred.config import check
 from longred.precompute.corpus import build_samples, iter_documents
 from longred.rope import parse_rope_spec
 from longred.storage import TeacherCache
-from longred.teacher import load_model, load_tokenizer, resolve_teacher, teacher_identity, tokenizer_sha256
+from longred.teacher import fingerprint_differences, load_model, load_tokenizer, resolve_teacher
 
 from .evaluate import evaluate_model
 from .passkey import make_passkey_cases
@@ -211,17 +211,13 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
 
 def _check_teacher_matches(cache: TeacherCache, teacher_dir: Path) -> None:
     """Raise ValueError unless the teacher folder's weights, config and tokenizer are the cache's."""
-    problems = []
-    identity = teacher_identity(teacher_dir)
-    if identity != cache.spec.teacher:
-        problems.append(f"teacher {identity} differs from the cache's {cache.spec.teacher}")
-    if tokenizer_sha256(teacher_dir) != cache.spec.tokenizer_sha256:
-        problems.append("the teacher's tokenizer differs from the one that tokenized the cache")
-    if problems:
+    reference = {"teacher": cache.spec.teacher, "tokenizer_sha256": cache.spec.tokenizer_sha256}
+    differ = fingerprint_differences(teacher_dir, reference)
+    if differ:
         raise ValueError(
-            f"{cache.url} was built from another teacher than {teacher_dir}: "
-            + "; ".join(problems)
-            + ". Pass the cache's teacher (--teacher) or another cache."
+            f"{cache.url} was built from another teacher than {teacher_dir}: {', '.join(differ)} differ "
+            f"from the cache's {cache.spec.teacher['name']!r}. Pass the cache's teacher (--teacher) or "
+            "another cache."
         )
 
 

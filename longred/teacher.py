@@ -216,6 +216,22 @@ def tokenizer_sha256(path: str | os.PathLike[str]) -> str:
     return _sha256_files(present[:1] if present[0].name == "tokenizer.json" else present)
 
 
+def fingerprint(path: str | os.PathLike[str]) -> dict:
+    """A model folder's fingerprint as a cache records its teacher's: {"teacher", "tokenizer_sha256"}."""
+    return {"teacher": teacher_identity(path), "tokenizer_sha256": tokenizer_sha256(path)}
+
+
+def fingerprint_differences(path: str | os.PathLike[str], reference: dict) -> list[str]:
+    """Which of config_sha256, weights_sha256 and tokenizer_sha256 of a model folder differ from
+    `reference` (a cache spec's teacher and tokenizer_sha256, or another `fingerprint`); the folder's
+    name does not count. Empty when the folder holds that teacher."""
+    own = fingerprint(path)
+    differ = [k for k in ("config_sha256", "weights_sha256") if own["teacher"][k] != reference["teacher"][k]]
+    if own["tokenizer_sha256"] != reference["tokenizer_sha256"]:
+        differ.append("tokenizer_sha256")
+    return differ
+
+
 def _sha256_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:

@@ -24,12 +24,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from longred.rope import parse_rope_spec
-from longred.teacher import load_model, teacher_identity, tokenizer_sha256
+from longred.teacher import fingerprint_differences, load_model
 
 __all__ = [
     "StructureError",
     "check_fingerprint",
-    "teacher_fingerprint",
     "build_student",
     "load_teacher",
     "build_optimizer",
@@ -46,20 +45,12 @@ class StructureError(RuntimeError):
     """A structural invariant is broken (teacher trainable or optimised, a parameter in no group)."""
 
 
-def teacher_fingerprint(path: str | Path) -> dict:
-    """A model folder's identity in `check_fingerprint`'s terms: {"teacher", "tokenizer_sha256"}."""
-    return {"teacher": teacher_identity(path), "tokenizer_sha256": tokenizer_sha256(path)}
-
-
-def check_fingerprint(
-    student_dir: str | Path, *, teacher: dict, tokenizer_sha256: str, allow_other: bool
-) -> list[str]:
+def check_fingerprint(student_dir: str | Path, reference: dict, *, allow_other: bool) -> list[str]:
     """Compare a student folder with the teacher the distillation targets come from.
 
     Args:
         student_dir: the initial student's Hugging Face folder.
-        teacher: the teacher's identity (a cache spec's `teacher`, or `teacher_fingerprint(...)["teacher"]`).
-        tokenizer_sha256: the teacher's tokenizer hash.
+        reference: the teacher's {"teacher", "tokenizer_sha256"} (a cache spec's, or `fingerprint(...)`).
         allow_other: return the differences instead of raising.
 
     Returns:
@@ -68,15 +59,12 @@ def check_fingerprint(
     Raises:
         ValueError: they differ and `allow_other` is False.
     """
-    identity = teacher_fingerprint(student_dir)
-    differ = [k for k in ("config_sha256", "weights_sha256") if identity["teacher"][k] != teacher[k]]
-    if identity["tokenizer_sha256"] != tokenizer_sha256:
-        differ.append("tokenizer_sha256")
+    differ = fingerprint_differences(student_dir, reference)
     if differ and not allow_other:
         raise ValueError(
-            f"Student {str(student_dir)!r} is not the teacher {teacher['name']!r}: {', '.join(differ)} "
-            "differ, and the distillation targets come from the teacher's weights; set student to the "
-            "teacher's folder, or allow_other_student to train it anyway."
+            f"Student {str(student_dir)!r} is not the teacher {reference['teacher']['name']!r}: "
+            f"{', '.join(differ)} differ, and the distillation targets come from the teacher's weights; set "
+            "student to the teacher's folder, or allow_other_student to train it anyway."
         )
     return differ
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from longred.precompute.capture import TeacherCapture, check_layers
 from longred.storage import TeacherCache
-from longred.teacher import load_tokenizer, resolve_teacher
+from longred.teacher import fingerprint, load_tokenizer, resolve_teacher
 from longred.train.positions import PositionSampler
 
 from .checkpoint import check_resumable, checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -48,7 +48,6 @@ from .student import (
     check_fingerprint,
     check_structure,
     load_teacher,
-    teacher_fingerprint,
 )
 
 __all__ = ["Trainer", "run_training"]
@@ -113,15 +112,17 @@ class Trainer:
         teacher_dir = resolve_teacher(cfg.teacher) if cfg.student is None or online else None
         student_dir = Path(cfg.student) if cfg.student else teacher_dir
         reference = None  # the weights the distillation targets come from
+        checked = None  # a folder already found to hold them
         if self.cache is not None:
             spec = self.cache.spec
             reference = {"teacher": spec.teacher, "tokenizer_sha256": spec.tokenizer_sha256}
+            if online:  # the live teacher must be the one that filled the cache
+                check_fingerprint(teacher_dir, reference, allow_other=False)
+                checked = teacher_dir
         elif online and student_dir != teacher_dir:
-            reference = teacher_fingerprint(teacher_dir)
-        if reference is not None and self.resumed_from is None:
-            check_fingerprint(student_dir, **reference, allow_other=cfg.allow_other_student)
-        if online and self.cache is not None:  # the live teacher must be the one that filled the cache
-            check_fingerprint(teacher_dir, **reference, allow_other=False)
+            reference, checked = fingerprint(teacher_dir), teacher_dir
+        if reference is not None and self.resumed_from is None and student_dir != checked:
+            check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
         source = self.resumed_from / "model" if self.resumed_from else student_dir
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
