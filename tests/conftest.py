@@ -1,11 +1,14 @@
 """Shared fixtures: a tiny random Llama teacher with a real BPE tokenizer (built once per session)."""
 
+import json
 import shutil
+from itertools import islice
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
+from longred.precompute.embedded_corpus import embedded_documents
 from longred.tiny import build_tiny_teacher
 
 
@@ -24,3 +27,14 @@ def sharp_teacher(tiny_teacher_dir, tmp_path_factory) -> Path:
     weights = {k: v * 3 if v.ndim == 2 and "embed" not in k else v for k, v in weights.items()}
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+@pytest.fixture(scope="session")
+def prose_jsonl(tmp_path_factory) -> Path:
+    """The first 20 embedded prose documents as JSONL: real text, small enough to hash at once (all of
+    embedded:prose takes 2.5 s)."""
+    corpus = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": text}) + "\n" for text in islice(embedded_documents("prose"), 20))
+    )
+    return corpus

@@ -4,6 +4,7 @@ in real corpus text, and the one-forward scoring agrees with step-by-step greedy
 Legend: T tokens.
 """
 
+import dataclasses
 from itertools import islice
 
 import pytest
@@ -86,22 +87,13 @@ def test_scoring_equals_greedy_decoding(model, tokenizer):
     a = case.answer_len
     prompt_T = case.input_ids_T[:-a]
     decoded = greedy(model, prompt_T, a)
-    as_decoded = PasskeyCase(
-        input_ids_T=torch.cat([prompt_T, torch.tensor(decoded)]),
-        answer_len=a,
-        needle_start=case.needle_start,
-        depth=case.depth,
-        passkey="",
-    )
+
+    def answered(tokens: list[int]) -> PasskeyCase:
+        """The case with `tokens` as its answer."""
+        return dataclasses.replace(case, input_ids_T=torch.cat([prompt_T, torch.tensor(tokens)]), passkey="")
+
     wrong = decoded[:-1] + [(decoded[-1] + 1) % 400]
-    as_wrong = PasskeyCase(
-        input_ids_T=torch.cat([prompt_T, torch.tensor(wrong)]),
-        answer_len=a,
-        needle_start=case.needle_start,
-        depth=case.depth,
-        passkey="",
-    )
-    result = evaluate_passkey(model, [as_decoded, as_wrong, case], batch_size=2)
+    result = evaluate_passkey(model, [answered(decoded), answered(wrong), case], batch_size=2)
     assert [row["correct"] for row in result["cases"][:2]] == [True, False]
     assert result["cases"][2]["correct"] == (decoded == case.input_ids_T[-a:].tolist())
     with torch.no_grad():

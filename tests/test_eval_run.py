@@ -7,7 +7,6 @@ Legend: N samples, T tokens.
 import argparse
 import json
 import shutil
-from itertools import islice
 
 import pytest
 import torch
@@ -30,17 +29,13 @@ PNG = b"\x89PNG"
 
 
 @pytest.fixture(scope="module")
-def cache_url(tiny_teacher_dir, tmp_path_factory):
+def cache_url(tiny_teacher_dir, prose_jsonl, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-run")
-    corpus = folder / "topics.jsonl"  # real text, small enough to hash at once (all of embedded:prose: 2.5 s)
-    corpus.write_text(
-        "".join(json.dumps({"text": text}) + "\n" for text in islice(embedded_documents("prose"), 20))
-    )
     out = folder / "int8.zarr"
     config = PrecomputeConfig(
         out=str(out),
         teacher=str(tiny_teacher_dir),
-        corpus=str(corpus),
+        corpus=str(prose_jsonl),
         short_len=32,
         short_samples=4,
         heldout=3,

@@ -6,9 +6,7 @@ lower bound of it.
 Legend: N samples, T tokens, V vocabulary.
 """
 
-import json
 import math
-from itertools import islice
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from longred.eval import (
     short_texts_from_corpus,
 )
 from longred.precompute.corpus import iter_documents
-from longred.precompute.embedded_corpus import embedded_documents
 from longred.precompute.job import PrecomputeConfig, run_precompute
 from longred.teacher import load_model, load_tokenizer
 
@@ -46,15 +43,11 @@ def sharp_teacher_dir(tiny_teacher_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache_url(sharp_teacher_dir, tmp_path_factory):
+def cache_url(sharp_teacher_dir, prose_jsonl, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
-    corpus = folder / "topics.jsonl"  # real text, small enough to hash at once (all of embedded:prose: 2.5 s)
-    corpus.write_text(
-        "".join(json.dumps({"text": text}) + "\n" for text in islice(embedded_documents("prose"), 20))
-    )
     out = folder / "short.zarr"
     config = PrecomputeConfig(
-        out=str(out), teacher=str(sharp_teacher_dir), corpus=str(corpus), short_len=32, short_samples=5,
+        out=str(out), teacher=str(sharp_teacher_dir), corpus=str(prose_jsonl), short_len=32, short_samples=5,
         heldout=3, s2l_samples=0, layers=LAYERS, top_k=8, codec="bf16", shard_samples=4, batch_tokens=64,
     )  # fmt: skip
     run_precompute(config, progress=False)
