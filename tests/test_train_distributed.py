@@ -17,9 +17,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
+from test_train_equivalence import cache_with
 
 from longred.config import load_config
-from longred.precompute.job import PrecomputeConfig, run_precompute
 from longred.train import TrainConfig, run_training
 from longred.train.metrics import MetricsLog
 
@@ -33,23 +33,8 @@ WORKER = (
 @pytest.fixture(scope="module")
 def setup(tiny_teacher_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    cache = str(folder / "cache.zarr")
-    run_precompute(
-        PrecomputeConfig(
-            out=cache,
-            teacher=str(tiny_teacher_dir),
-            short_len=32,
-            short_samples=16,
-            heldout=0,
-            s2l_len=64,
-            s2l_samples=8,
-            layers=["1", "3", "final"],
-            top_k=8,
-            shard_samples=1,
-            codec="bf16",
-            batch_tokens=256,
-        ),
-        progress=False,
+    cache = cache_with(
+        tiny_teacher_dir, folder, "bf16", short_samples=16, s2l_samples=8, shard_samples=1, batch_tokens=256
     )
     settings = dict(
         teacher=str(tiny_teacher_dir), cache=cache, long_samples=8, steps=3, save_every=0, lr=3e-3

@@ -20,20 +20,22 @@ KEYS = ("loss", "loss_long", "loss_short", "loss_s2l")
 
 
 def cache_with(teacher, folder, codec: str, **changes) -> str:
-    """A cache of 12 short texts of 32 tokens (layers 1, 3, final) and 6 s2l texts of 64, top-8."""
+    """FOLDER/CODEC.zarr: by default 12 short texts of 32 tokens (layers 1, 3, final), 6 s2l texts of 64,
+    top-8, 4 samples per shard; `changes` sets any other PrecomputeConfig field."""
     out = str(folder / f"{codec}.zarr")
-    settings = dict(short_len=32, short_samples=12, heldout=0, s2l_len=64, s2l_samples=6, top_k=8) | changes
+    settings = dict(
+        short_len=32,
+        short_samples=12,
+        heldout=0,
+        s2l_len=64,
+        s2l_samples=6,
+        top_k=8,
+        layers=["1", "3", "final"],
+        shard_samples=4,
+        batch_tokens=128,
+    )
     run_precompute(
-        PrecomputeConfig(
-            out=out,
-            teacher=str(teacher),
-            layers=["1", "3", "final"],
-            shard_samples=4,
-            codec=codec,
-            batch_tokens=128,
-            **settings,
-        ),
-        progress=False,
+        PrecomputeConfig(out=out, teacher=str(teacher), codec=codec, **settings | changes), progress=False
     )
     return out
 

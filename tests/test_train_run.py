@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
+from test_train_equivalence import cache_with
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from longred.precompute.job import PrecomputeConfig, run_precompute
 from longred.storage import TeacherCache
 from longred.teacher import load_model
 from longred.train import TrainConfig, run_training
@@ -22,26 +22,11 @@ from longred.train.student import StructureError, build_optimizer, check_structu
 
 @pytest.fixture(scope="module")
 def cache(tiny_teacher_dir, tmp_path_factory) -> str:
-    """10 short samples of 32 tokens (layers 1, 3, final), 8 s2l samples of 64 tokens, bf16."""
-    out = str(tmp_path_factory.mktemp("train-run") / "cache.zarr")
-    run_precompute(
-        PrecomputeConfig(
-            out=out,
-            teacher=str(tiny_teacher_dir),
-            short_len=32,
-            short_samples=10,
-            heldout=2,
-            s2l_len=64,
-            s2l_samples=8,
-            layers=["1", "3", "final"],
-            top_k=8,
-            shard_samples=4,
-            codec="bf16",
-            batch_tokens=256,
-        ),
-        progress=False,
+    """10 short samples of 32 tokens (layers 1, 3, final) + 2 held out, 8 s2l samples of 64 tokens, bf16."""
+    folder = tmp_path_factory.mktemp("train-run")
+    return cache_with(
+        tiny_teacher_dir, folder, "bf16", short_samples=10, heldout=2, s2l_samples=8, batch_tokens=256
     )
-    return out
 
 
 def tiny_config(teacher, cache, out, **changes) -> TrainConfig:

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
+from test_train_equivalence import cache_with
 
 from longred.config import load_config
-from longred.precompute.job import PrecomputeConfig, run_precompute
 from longred.teacher import load_model
 from longred.train import TrainConfig
 from longred.train.trainer import Trainer
@@ -23,22 +23,14 @@ from longred.train.trainer import Trainer
 
 @pytest.fixture
 def trainer(tiny_teacher_dir, tmp_path):
-    cache = str(tmp_path / "cache.zarr")
-    run_precompute(
-        PrecomputeConfig(
-            out=cache,
-            teacher=str(tiny_teacher_dir),
-            short_len=32,
-            short_samples=4,
-            heldout=0,
-            s2l_len=64,
-            s2l_samples=2,
-            layers=["1", "final"],
-            top_k=8,
-            shard_samples=4,
-            codec="bf16",
-        ),
-        progress=False,
+    cache = cache_with(
+        tiny_teacher_dir,
+        tmp_path,
+        "bf16",
+        short_samples=4,
+        s2l_samples=2,
+        layers=["1", "final"],
+        batch_tokens=8192,
     )
     config = load_config(
         TrainConfig,
