@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longred.bench_precompute import measure_precompute
+from longred.benchmarks.precompute import measure_precompute
 
 LLAMA3_8B = dict(
     hidden_size=4096,

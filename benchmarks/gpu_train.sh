@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longred.bench_train import run_train_benchmark
-from longred.tiny import build_tiny_teacher
+from longred.benchmarks.train import run_train_benchmark
+from longred.models.tiny import build_tiny_teacher
 
 out = Path(sys.argv[1])
 assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"

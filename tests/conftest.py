@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from longred.precompute.embedded_corpus import embedded_documents
-from longred.tiny import build_tiny_teacher
+from longred.corpus.embedded import embedded_documents
+from longred.models.tiny import build_tiny_teacher
 
 
 @pytest.fixture(scope="session")

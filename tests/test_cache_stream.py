@@ -4,7 +4,7 @@ import pytest
 import torch
 from cache_fixtures import targets_for, tiny_spec, write_cache
 
-from longred.storage import TargetDataset, TeacherCache, collate
+from longred.storage import TargetDataset, TargetStream, TeacherCache, collate
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,12 @@ def ids(stream, n=None):
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_resume_mid_epoch_yields_exactly_the_rest(cache_url, prefetch):
     cache = TeacherCache(cache_url)
-    full = ids(cache.stream("short", seed=3, epochs=2, prefetch=prefetch))
+    full = ids(TargetStream(cache, "short", seed=3, epochs=2, prefetch=prefetch))
     assert len(full) == 44 and sorted(full[:22]) == list(range(22))  # sample 22 is held out
-    first = cache.stream("short", seed=3, epochs=2, prefetch=prefetch)
+    first = TargetStream(cache, "short", seed=3, epochs=2, prefetch=prefetch)
     head = ids(first, 13)
     state = first.state_dict()
-    resumed = cache.stream("short", seed=0, epochs=2, prefetch=prefetch)
+    resumed = TargetStream(cache, "short", seed=0, epochs=2, prefetch=prefetch)
     resumed.load_state_dict(state)
     assert head + ids(resumed) == full
     assert full[:22] != full[22:], "each epoch is reshuffled"
@@ -40,7 +40,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(cache_url, prefetch):
 def test_rank_partitions_cover_every_sample_once(cache_url):
     cache = TeacherCache(cache_url)
     for world in (2, 3):
-        parts = [ids(cache.stream("short", seed=1, rank=r, world_size=world)) for r in range(world)]
+        parts = [ids(TargetStream(cache, "short", seed=1, rank=r, world_size=world)) for r in range(world)]
         flat = [i for p in parts for i in p]
         assert sorted(flat) == list(range(22)), world
 
@@ -48,7 +48,9 @@ def test_rank_partitions_cover_every_sample_once(cache_url):
 def test_samples_decode_to_the_written_targets(cache_url):
     cache = TeacherCache(cache_url)
     spec = cache.spec
-    sample = next(iter(cache.stream("short", seed=5, layers=("final",), fields=("input_ids", "hidden"))))
+    sample = next(
+        iter(TargetStream(cache, "short", seed=5, layers=("final",), fields=("input_ids", "hidden")))
+    )
     expected = targets_for(spec, "short", [sample["sample_id"]])
     assert torch.equal(sample["input_ids"], expected["input_ids"][0])
     assert set(sample["hidden"]) == {"final"} and "topk_ids" not in sample
@@ -65,15 +67,15 @@ def test_samples_decode_to_the_written_targets(cache_url):
 
 def test_heldout_only_on_request_and_bad_layers(cache_url):
     cache = TeacherCache(cache_url)
-    assert 22 in ids(cache.stream("short", include_heldout=True))
+    assert 22 in ids(TargetStream(cache, "short", include_heldout=True))
     with pytest.raises(ValueError, match=r"layers \['7'\] are not stored"):
-        cache.stream("short", layers=("7",))
+        TargetStream(cache, "short", layers=("7",))
 
 
 @pytest.mark.parametrize("context", ["spawn", "fork"])
 def test_dataloader_workers(cache_url, context):
     cache = TeacherCache(cache_url)
-    next(iter(cache.stream("short")))  # the parent has used zarr (its event loop runs) before forking
+    next(iter(TargetStream(cache, "short")))  # the parent has used zarr (its event loop runs) before forking
     loader = torch.utils.data.DataLoader(
         TargetDataset(cache_url, "short", seed=2, fields=("input_ids",)),
         batch_size=None,
@@ -87,4 +89,4 @@ def test_incomplete_cache_cannot_be_streamed(tmp_path):
     url = str(tmp_path / "c.zarr")
     write_cache(url, tiny_spec(), shards={"short": [0], "s2l": [0, 1]})
     with pytest.raises(ValueError, match=r"short shards \[1, 2\] are incomplete"):
-        TeacherCache(url).stream("short")
+        TargetStream(TeacherCache(url), "short")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longred.precompute.capture import TeacherCapture, check_layers
+from longred.ops.capture import TeacherCapture
+from longred.ops.layers import check_layers
 
 
 @pytest.fixture(scope="module")

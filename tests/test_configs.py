@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from longred.config import ConfigError, load_config
-from longred.precompute.job import PrecomputeConfig
+from longred.base.config import ConfigError, load_config
+from longred.precompute.config import PrecomputeConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -13,8 +13,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from longred.precompute.corpus import SampleSet, build_samples, corpus_sha256, iter_documents
-from longred.precompute.embedded_corpus import stdlib_sources
+from longred.corpus.documents import corpus_sha256, iter_documents
+from longred.corpus.embedded import stdlib_sources
+from longred.corpus.windows import SampleSet, build_samples
 
 WORDS = 300
 EOS = 1

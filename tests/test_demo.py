@@ -3,7 +3,7 @@
 import json
 
 from longred.cli import main
-from longred.demo import PRESETS
+from longred.recipes.demo import PRESETS
 
 HEADLINE = {"short_ppl", "short_retention", "short_kl", "long_ppl", "passkey_acc", "hidden_cos_mean"}
 

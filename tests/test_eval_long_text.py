@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from longred.eval import bucket_edges, evaluate_long_text
-from longred.teacher import load_model
+from longred.models.loading import load_model
 
 
 @pytest.fixture(scope="module")

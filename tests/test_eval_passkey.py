@@ -10,10 +10,10 @@ from itertools import islice
 import pytest
 import torch
 
+from longred.corpus.embedded import embedded_documents
 from longred.eval import PasskeyCase, evaluate_passkey, make_passkey_cases
 from longred.eval.passkey import ANSWER, INSTRUCTION, NEEDLE, QUESTION
-from longred.precompute.embedded_corpus import embedded_documents
-from longred.teacher import load_model, load_tokenizer
+from longred.models.loading import load_model, load_tokenizer
 
 LENGTHS = [256, 400]  # the tiny tokenizer spends about 140 tokens on the fixed prompt text
 

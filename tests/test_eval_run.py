@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from longred.config import ConfigError, add_config_arguments, config_overrides, load_config
+from longred.base.config import ConfigError, add_config_arguments, config_overrides, load_config
+from longred.corpus.embedded import embedded_documents
 from longred.eval import (
     HEADLINE_KEYS,
     EvalConfig,
@@ -21,9 +22,9 @@ from longred.eval import (
     run_eval,
     write_report,
 )
-from longred.precompute.embedded_corpus import embedded_documents
-from longred.precompute.job import PrecomputeConfig, run_precompute
-from longred.teacher import load_model, load_tokenizer
+from longred.models.loading import load_model, load_tokenizer
+from longred.precompute.config import PrecomputeConfig
+from longred.precompute.job import run_precompute
 
 PNG = b"\x89PNG"
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from longred.corpus.documents import iter_documents
 from longred.eval import (
     ShortTexts,
     evaluate_drift,
@@ -19,9 +20,9 @@ from longred.eval import (
     load_short_texts,
     short_texts_from_corpus,
 )
-from longred.precompute.corpus import iter_documents
-from longred.precompute.job import PrecomputeConfig, run_precompute
-from longred.teacher import load_model, load_tokenizer
+from longred.models.loading import load_model, load_tokenizer
+from longred.precompute.config import PrecomputeConfig
+from longred.precompute.job import run_precompute
 
 BIG_CHANGE = "abf:theta=10"  # the tiny teacher's base is 1e4: a 1000x smaller base rotates much faster
 LAYERS = ["1", "3", "final"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longred.train.losses import chunked_cross_entropy, cosine_distill_loss, topk_kl_loss
+from longred.ops.losses import chunked_cross_entropy, cosine_distill_loss, topk_kl_loss
 
 B, T, D, V = 2, 37, 16, 50
 

@@ -13,10 +13,11 @@ import torch
 import zarr
 
 from longred.cli import main
-from longred.precompute.capture import TeacherCapture
-from longred.precompute.job import PrecomputeConfig, run_precompute
+from longred.models.loading import load_model
+from longred.ops.capture import TeacherCapture
+from longred.precompute.config import PrecomputeConfig
+from longred.precompute.job import run_precompute
 from longred.storage import CacheMismatchError, TeacherCache, verify_cache
-from longred.teacher import load_model
 
 
 def config(teacher, out, **changes) -> PrecomputeConfig:

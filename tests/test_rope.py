@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from longred.rope import RopeSpec, apply_rope_spec, parse_rope_spec
+from longred.base.rope import RopeSpec, apply_rope_spec, parse_rope_spec
 
 WINDOW = 128
 THETA = 10000.0

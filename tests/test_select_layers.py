@@ -6,17 +6,16 @@ import json
 import pytest
 import torch
 
-from longred.precompute.capture import check_layers
-from longred.precompute.select_layers import (
+from longred.models.loading import load_model
+from longred.ops.drift import (
     KL_DIRECTION,
     LayerDrift,
     _attention_hooks,
     attention_logprobs,
-    choose_layers,
     measure_layer_drift,
-    select_layers,
 )
-from longred.teacher import load_model
+from longred.ops.layers import check_layers
+from longred.precompute.select_layers import choose_layers, select_layers
 
 BIG_CHANGE = "abf:theta=10"  # the tiny teacher's base is 1e4: a 1000x smaller base rotates much faster
 

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from longred.train.attention import model_inputs
+from longred.ops.inputs import model_inputs
 
 B, T = 2, 12
 # head [0, 4) | middle ends at 23 | tail [60, 64): two jumps, three "packed sequences" for transformers.

@@ -13,18 +13,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from longred import teacher
-from longred.teacher import (
+from longred.models import embedded as teacher
+from longred.models.embedded import (
     EMBEDDED_TEACHER,
     MissingTeacherError,
     embedded_teacher_dir,
     install_command,
-    load_model,
-    load_tokenizer,
-    resolve_teacher,
-    teacher_identity,
-    tokenizer_sha256,
 )
+from longred.models.identity import teacher_identity, tokenizer_sha256
+from longred.models.loading import load_model, load_tokenizer, resolve_teacher
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine", "hello world"]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from longred.bench_train import run_train_benchmark
+from longred.benchmarks.train import run_train_benchmark
 
 
 @pytest.mark.integration

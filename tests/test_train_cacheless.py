@@ -10,8 +10,8 @@ from test_train_config import one_thread  # noqa: F401 (fixture)
 from test_train_equivalence import KEYS, cache_with, relative
 from test_train_run import losses, tiny_config
 
+from longred.models.loading import load_tokenizer
 from longred.storage import TeacherCache
-from longred.teacher import load_tokenizer
 from longred.train import run_training
 from longred.train.data import short_corpus_source, short_windows
 from longred.train.metrics import MetricsLog

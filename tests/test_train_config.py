@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longred.config import ConfigError, add_config_arguments, config_overrides, load_config
+from longred.base.config import ConfigError, add_config_arguments, config_overrides, load_config
 from longred.train.config import TrainConfig
 from longred.train.schedule import LRSchedule, describe_weights, effective_weights, step_plan
 

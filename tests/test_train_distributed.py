@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
 from test_train_equivalence import cache_with
 
-from longred.config import load_config
+from longred.base.config import load_config
 from longred.train import TrainConfig, run_training
 from longred.train.metrics import MetricsLog
 

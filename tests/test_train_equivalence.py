@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
 
-from longred.config import load_config
-from longred.precompute.job import PrecomputeConfig, run_precompute
+from longred.base.config import load_config
+from longred.precompute.config import PrecomputeConfig
+from longred.precompute.job import run_precompute
 from longred.train import TrainConfig, run_training
 from longred.train.metrics import MetricsLog
 

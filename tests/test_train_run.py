@@ -13,8 +13,8 @@ from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
 from test_train_equivalence import cache_with
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from longred.models.loading import load_model
 from longred.storage import TeacherCache
-from longred.teacher import load_model
 from longred.train import TrainConfig, run_training
 from longred.train.metrics import METRIC_KEYS, MetricsLog
 from longred.train.student import StructureError, build_optimizer, check_structure, load_teacher

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
 from test_train_equivalence import cache_with
 
-from longred.config import load_config
-from longred.teacher import load_model
+from longred.base.config import load_config
+from longred.models.loading import load_model
 from longred.train import TrainConfig
 from longred.train.trainer import Trainer
 

@@ -1,0 +1,1 @@
+"""The ground floor: config loading, the RoPE spec, atomic files, layer names. Imports no other layer."""

@@ -1,0 +1,1 @@
+"""Model conventions every stage shares: model inputs, layer hooks, target capture, losses, drift."""

@@ -1,0 +1,163 @@
+"""The precompute job: corpus -> fixed-length samples -> teacher pass -> cache shards.
+
+It is a batch job that users restart after failures: the cache's completion records say which shards
+exist, so the same command skips them and computes only the rest, and a cache made from another teacher,
+corpus or target spec is refused (``overwrite`` replaces it). Under ``torchrun`` each of the W ranks
+computes shards rank, rank + W, ... of each kind with no other coordination (a shared filesystem or
+object store holds the cache).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from longred.base.devices import default_device
+from longred.corpus.documents import corpus_sha256
+from longred.corpus.windows import cut_samples
+from longred.models.identity import teacher_identity, tokenizer_sha256
+from longred.models.loading import load_model, load_tokenizer, resolve_teacher
+from longred.ops.capture import TeacherCapture
+from longred.ops.layers import check_layers
+from longred.precompute.config import PrecomputeConfig
+from longred.storage import CacheSpec, CacheWriter, KindSpec
+
+__all__ = ["run_precompute", "fill_shards", "build_spec_and_samples", "distributed_rank"]
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when run directly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_spec_and_samples(
+    config: PrecomputeConfig, tokenizer, model_config, teacher_dir
+) -> tuple[CacheSpec, dict]:
+    """The cache spec (fingerprint) and the token ids of every sample of every kind."""
+    layers = check_layers(config.layers, model_config.num_hidden_layers)
+    samples = cut_samples(config.sample_spec(), tokenizer)
+    kinds = {
+        "short": KindSpec(
+            length=config.short_len,
+            num_samples=len(samples["short"]),
+            layers=layers,
+            heldout=tuple(range(config.short_samples, config.short_samples + config.heldout)),
+        )
+    }
+    if config.s2l_samples:
+        kinds["s2l"] = KindSpec(length=config.s2l_len, num_samples=config.s2l_samples, layers=("final",))
+    spec = CacheSpec(
+        teacher=teacher_identity(teacher_dir),
+        tokenizer_sha256=tokenizer_sha256(teacher_dir),
+        corpus_sha256=corpus_sha256(config.corpus, field=config.field),
+        kinds=kinds,
+        hidden_size=model_config.hidden_size,
+        vocab_size=model_config.vocab_size,
+        top_k=config.top_k,
+        codec={"name": config.codec},
+        shard_samples=config.shard_samples,
+        extra={"packing": config.packing, "seed": config.seed, "field": config.field},
+    )
+    return spec, samples
+
+
+def fill_shards(
+    writer: CacheWriter,
+    model: torch.nn.Module,
+    samples: dict[str, np.ndarray],
+    work: list[tuple[str, int]],
+    *,
+    batch_tokens: int,
+    on_batch=None,
+) -> tuple[int, int]:
+    """Run the teacher over the samples of each (kind, shard) in ``work`` and hand the targets to ``writer``.
+
+    Args:
+        samples: kind -> (N, T) token ids of every sample of that kind.
+        batch_tokens: tokens per teacher forward (batch size = batch_tokens // T, at least 1).
+        on_batch: called with (tokens, samples) of each batch, for progress reporting.
+
+    Returns:
+        (tokens, samples) processed.
+    """
+    spec = writer.spec
+    device = next(model.parameters()).device
+    captures = {
+        kind: TeacherCapture(model, layers=ks.layers, top_k=spec.top_k) for kind, ks in spec.kinds.items()
+    }
+    tokens = done = 0
+    for kind, shard in work:
+        ids = list(spec.shard_range(kind, shard))
+        step = max(1, batch_tokens // spec.kinds[kind].length)
+        for first in range(0, len(ids), step):
+            batch_ids = ids[first : first + step]
+            input_ids = torch.from_numpy(samples[kind][batch_ids].astype(np.int64)).to(device)
+            targets = captures[kind](input_ids)
+            writer.add(
+                kind,
+                sample_ids=batch_ids,
+                input_ids=input_ids,
+                hidden=targets.hidden,
+                topk_ids=targets.topk_ids,
+                topk_logprobs=targets.topk_logprobs,
+                tail_logmass=targets.tail_logmass,
+            )
+            tokens += input_ids.numel()
+            done += len(batch_ids)
+            if on_batch is not None:
+                on_batch(input_ids.numel(), len(batch_ids))
+    return tokens, done
+
+
+def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
+    """Fill (or finish) the cache at ``config.out``; returns a summary of what this process did.
+
+    Returns:
+        ``{"rank", "world_size", "tokens", "samples", "seconds", "tokens_per_s", "bytes_written",
+        "shards_written", "shards_skipped", "device"}``.
+    """
+    rank, world = distributed_rank()
+    device = default_device(local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    teacher_dir = resolve_teacher(config.teacher)
+    tokenizer = load_tokenizer(teacher_dir)
+    model = load_model(teacher_dir, device=device)
+    spec, samples = build_spec_and_samples(config, tokenizer, model.config, teacher_dir)
+    start = time.perf_counter()
+    with CacheWriter(config.out, spec, overwrite=config.overwrite and rank == 0) as writer:
+        work, skipped = [], 0
+        for kind in spec.kinds:
+            missing = set(writer.missing_shards(kind))
+            mine = [s for s in range(spec.num_shards(kind)) if s % world == rank]
+            skipped += sum(1 for s in mine if s not in missing)
+            work += [(kind, s) for s in mine if s in missing]
+        total = sum(len(spec.shard_range(k, s)) * spec.kinds[k].length for k, s in work)
+        with tqdm(
+            total=total, unit="tok", unit_scale=True, desc=f"precompute rank {rank}", disable=not progress
+        ) as bar:
+            counted = {"samples": 0}
+
+            def report(batch_tokens: int, batch_samples: int) -> None:
+                counted["samples"] += batch_samples
+                bar.update(batch_tokens)
+                bar.set_postfix(samples_s=f"{counted['samples'] / max(bar.format_dict['elapsed'], 1e-6):.2f}")
+
+            tokens, done_samples = fill_shards(
+                writer, model, samples, work, batch_tokens=config.batch_tokens, on_batch=report
+            )
+    seconds = time.perf_counter() - start
+    return {
+        "rank": rank,
+        "world_size": world,
+        "device": device,
+        "tokens": tokens,
+        "samples": done_samples,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1) if tokens else 0.0,
+        "bytes_written": writer.bytes_written,
+        "shards_written": writer.shards_written,
+        "shards_skipped": skipped,
+    }

@@ -1,0 +1,39 @@
+"""longred.storage: the teacher cache format (Zarr v3), its codecs, writer, reader and integrity checks.
+
+See FORMAT.md beside this file for the on-disk layout, decodable with zarr and numpy alone.
+"""
+
+from ._codecs import CODECS, Bf16Codec, HiddenCodec, Int8Codec, Int8OutlierCodec, get_codec
+from ._integrity import ShardProblem
+from ._reader import FIELDS, CacheCorruptionError, MissingShardError, Targets, TeacherCache
+from ._spec import FORMAT, FORMAT_VERSION, KINDS, CacheSpec, KindSpec
+from ._stream import TargetDataset, TargetStream, collate
+from ._verify import cache_info, verify_cache
+from ._writer import CacheMismatchError, CacheWriter
+
+__all__ = [
+    "CODECS",
+    "FIELDS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KINDS",
+    "Bf16Codec",
+    "CacheCorruptionError",
+    "CacheMismatchError",
+    "CacheSpec",
+    "CacheWriter",
+    "HiddenCodec",
+    "Int8Codec",
+    "Int8OutlierCodec",
+    "KindSpec",
+    "MissingShardError",
+    "ShardProblem",
+    "TargetDataset",
+    "TargetStream",
+    "Targets",
+    "TeacherCache",
+    "cache_info",
+    "collate",
+    "get_codec",
+    "verify_cache",
+]

@@ -1,0 +1,208 @@
+"""TeacherCache: read-only access to a cache, by sample id or shard, decoded to torch tensors.
+
+Shape legend: T tokens, D hidden size, K top-k, S samples in a shard.
+
+Only shards with a completion record are readable; reading any other is an error, never zeros. A shard
+whose bytes fail zarr's checks (Zstd frame checksum, CRC32C of the shard index) raises
+``CacheCorruptionError`` naming the kind, shard and array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+
+from ._codecs import get_codec
+from ._integrity import CacheLocation
+from ._spec import ArraySpec, CacheSpec, open_spec
+
+__all__ = ["TeacherCache", "Targets", "CacheCorruptionError", "MissingShardError", "FIELDS"]
+
+FIELDS = ("input_ids", "hidden", "topk")
+"""Selectable field groups: token ids, hidden states of the chosen layers, top-k distribution."""
+_TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass")
+
+
+class CacheCorruptionError(RuntimeError):
+    """Stored bytes do not decode; ``longred cache verify`` lists every bad shard."""
+
+
+class MissingShardError(KeyError):
+    """The shard has no completion record (not written yet, or its writer was interrupted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class Targets:
+    """Decoded targets of consecutive samples (one shard or one sample).
+
+    Attributes:
+        sample_ids: (S,) int64.
+        input_ids: (S, T) int64, or None when not selected.
+        hidden: layer name -> (S, T, D) float32.
+        topk_ids: (S, T, K) int64; topk_logprobs: (S, T, K) float32; tail_logmass: (S, T) float32.
+    """
+
+    sample_ids: torch.Tensor
+    input_ids: torch.Tensor | None
+    hidden: dict[str, torch.Tensor]
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    tail_logmass: torch.Tensor | None = None
+
+    def sample(self, row: int) -> dict:
+        """One sample as a dict of tensors (views, no copy)."""
+        out: dict = {
+            "sample_id": int(self.sample_ids[row]),
+            "hidden": {k: v[row] for k, v in self.hidden.items()},
+        }
+        for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value[row]
+        return out
+
+
+class TeacherCache:
+    """A longred teacher cache opened for reading.
+
+    Args:
+        url: local path or fsspec URL (``memory://``, ``s3://``...).
+
+    Raises:
+        FileNotFoundError: nothing at ``url``.
+        ValueError: not a longred cache, or a format version this longred does not read.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.location = CacheLocation(url)
+        if not self.location.exists():
+            raise FileNotFoundError(f"No longred cache at {url} (no zarr.json).")
+        self.spec: CacheSpec = open_spec(self.location)
+        self.codec = get_codec(self.spec.codec)
+        self._group = zarr.open_group(self.location.url, mode="r")
+        self.attrs = dict(self._group.attrs)
+        self._complete: dict[str, set[int]] = {}
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    def complete_shards(self, kind: str) -> list[int]:
+        """Shards with a completion record, sorted."""
+        self._check_kind(kind)
+        self._complete[kind] = self.location.completed_shards(kind)
+        return sorted(self._complete[kind])
+
+    def missing_shards(self, kind: str) -> list[int]:
+        done = set(self.complete_shards(kind))
+        return [s for s in range(self.spec.num_shards(kind)) if s not in done]
+
+    def read_shard(
+        self,
+        kind: str,
+        shard: int,
+        *,
+        fields: tuple[str, ...] = FIELDS,
+        layers: tuple[str, ...] | None = None,
+    ) -> Targets:
+        """Read and decode one whole shard (the efficient unit of I/O)."""
+        if not self._is_complete(kind, shard):
+            raise MissingShardError(
+                f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
+            )
+        ids = self.spec.shard_range(kind, shard)
+        return self._read(kind, slice(ids.start, ids.stop), ids, fields, layers, f"shard {shard}")
+
+    def read_sample(
+        self,
+        kind: str,
+        sample_id: int,
+        *,
+        fields: tuple[str, ...] = FIELDS,
+        layers: tuple[str, ...] | None = None,
+    ) -> dict:
+        """Random access to one sample (reads only that sample's chunks)."""
+        self._check_kind(kind)
+        n = self.spec.kinds[kind].num_samples
+        if not 0 <= sample_id < n:
+            raise IndexError(f"{kind}: sample id {sample_id} out of range [0, {n}).")
+        shard = sample_id // self.spec.shard_samples
+        if not self._is_complete(kind, shard):
+            raise MissingShardError(
+                f"{self.url}: sample {sample_id} is in {kind} shard {shard}, not complete."
+            )
+        ids = range(sample_id, sample_id + 1)
+        return self._read(
+            kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}"
+        ).sample(0)
+
+    # internals ---------------------------------------------------------------------------------------
+    def _is_complete(self, kind: str, shard: int) -> bool:
+        """Completion records only ever appear, so known ones are kept; a miss lists the store again."""
+        if shard not in self._complete.get(kind, ()):
+            self.complete_shards(kind)
+        return shard in self._complete[kind]
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.spec.kinds:
+            raise ValueError(f"{self.url} holds kinds {sorted(self.spec.kinds)}, not {kind!r}.")
+
+    def resolve_layers(self, kind: str, layers: tuple[str, ...] | None) -> tuple[str, ...]:
+        stored = self.spec.kinds[kind].layers
+        if layers is None:
+            return stored
+        chosen = tuple(str(x) for x in layers)
+        unknown = [x for x in chosen if x not in stored]
+        if unknown:
+            raise ValueError(
+                f"{kind}: layers {unknown} are not stored in {self.url}; stored: {list(stored)}."
+            )
+        return chosen
+
+    def _read(self, kind, rows: slice, ids: range, fields, layers, where: str) -> Targets:
+        self._check_kind(kind)
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"Unknown fields {sorted(unknown)}; choose from {list(FIELDS)}.")
+        layers = self.resolve_layers(kind, layers) if "hidden" in fields else ()
+        wanted = [a for a in self.spec.arrays(kind) if _selected(a, kind, fields, layers)]
+        raw = {a.path: self._read_array(a, rows, kind, where) for a in wanted}
+        hidden = {}
+        for layer in layers:
+            parts = {a.part: raw[a.path] for a in wanted if a.layer == layer}
+            hidden[layer] = self.codec.decode(parts)
+        topk = "topk" in fields
+        return Targets(
+            sample_ids=torch.arange(ids.start, ids.stop),
+            input_ids=_long(raw[f"{kind}/input_ids"]) if "input_ids" in fields else None,
+            hidden=hidden,
+            topk_ids=_long(raw[f"{kind}/topk_ids"]) if topk else None,
+            topk_logprobs=torch.from_numpy(raw[f"{kind}/topk_logprobs"].astype(np.float32)) if topk else None,
+            tail_logmass=torch.from_numpy(raw[f"{kind}/tail_logmass"]) if topk else None,
+        )
+
+    def _read_array(self, array: ArraySpec, rows: slice, kind: str, where: str) -> np.ndarray:
+        try:
+            return self._group[array.path][rows]
+        except Exception as err:  # zarr/numcodecs raise assorted types for undecodable bytes
+            raise CacheCorruptionError(
+                f"{self.url}: cannot decode {kind} {where}, array {array.path}: {type(err).__name__}: {err}. "
+                f"Run `longred cache verify {self.url}` to list every bad shard."
+            ) from err
+
+
+def _selected(array: ArraySpec, kind: str, fields, layers) -> bool:
+    if array.layer is not None:
+        return array.layer in layers
+    name = array.path[len(kind) + 1 :]
+    return (name == "input_ids" and "input_ids" in fields) or (name in _TOPK_ARRAYS and "topk" in fields)
+
+
+def _long(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array.astype(np.int64))

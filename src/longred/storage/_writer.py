@@ -1,0 +1,328 @@
+"""CacheWriter: buffers targets per shard, writes each shard whole, once, then records its completion.
+
+Shape legend: B samples in a batch, T tokens, D hidden size, K top-k.
+
+Why whole shards: zarr shards are single objects; two writers updating parts of one shard race and
+silently lose data, and writing a 64-sample shard sample by sample rewrites it 64 times. So a shard is
+buffered on the host until every one of its samples has arrived, then written by one background thread
+(compression and I/O overlap the caller's compute), checksummed, and only then marked complete.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.errors import ContainsArrayError
+
+from longred.base.version import __version__
+
+from ._codecs import HiddenCodec, get_codec
+from ._integrity import CacheLocation
+from ._spec import FORMAT, FORMAT_VERSION, ArraySpec, CacheSpec, open_spec
+
+__all__ = ["CacheWriter", "CacheMismatchError"]
+
+
+class CacheMismatchError(ValueError):
+    """An existing cache was made from other inputs (teacher, corpus, targets, layout)."""
+
+
+@dataclass
+class _ShardBuffer:
+    arrays: dict[str, np.ndarray]
+    sample_ids: range
+    filled: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.filled = np.zeros(len(self.sample_ids), dtype=bool)
+
+
+class CacheWriter:
+    """Write teacher targets into a cache, creating it or resuming an identical one.
+
+    Args:
+        url: local path or fsspec URL of the cache (a zarr v3 group).
+        spec: what the cache holds. An existing cache must have the same fingerprint.
+        overwrite: replace an existing cache made from other inputs instead of refusing it.
+        write_threads: background threads compressing and writing full shards.
+        max_pending_shards: full shards waiting for a thread before ``add`` blocks (bounds host memory).
+
+    Raises:
+        CacheMismatchError: the cache at ``url`` was made from other inputs; the message lists the fields.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        spec: CacheSpec,
+        *,
+        overwrite: bool = False,
+        write_threads: int = 2,
+        max_pending_shards: int = 4,
+    ) -> None:
+        self.location = CacheLocation(url)
+        self.spec = spec
+        self.codec: HiddenCodec = get_codec(spec.codec)
+        self._open_or_create(overwrite)
+        self._arrays = {kind: spec.arrays(kind) for kind in spec.kinds}
+        self._zarr = {a.path: self._group[a.path] for arrays in self._arrays.values() for a in arrays}
+        self._complete = {kind: self.location.completed_shards(kind) for kind in spec.kinds}
+        self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
+        self._pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="longred-write")
+        self._slots = threading.BoundedSemaphore(max_pending_shards + write_threads)
+        self._futures: list[Future] = []
+        self._counting = threading.Lock()
+        self.bytes_written = 0
+        self.shards_written = 0
+
+    # creation / resume -------------------------------------------------------------------------------
+    def _open_or_create(self, overwrite: bool) -> None:
+        if self.location.exists():
+            try:
+                existing = open_spec(self.location)
+            except (ValueError, TypeError, KeyError) as err:
+                if not overwrite:
+                    raise CacheMismatchError(f"{self.location.url}: cannot resume ({err}).") from err
+                existing = None
+            diff = existing.differences(self.spec) if existing else ["format"]
+            if diff and not overwrite:
+                raise CacheMismatchError(
+                    f"{self.location.url} holds a cache made from other inputs; differing fields: "
+                    f"{', '.join(diff)}. Use a new output path, or overwrite=True (--overwrite) to replace "
+                    "it."
+                )
+            if diff:
+                self.location.remove_all()
+        elif self._holds_other_data():
+            raise CacheMismatchError(
+                f"{self.location.url} exists, is not empty and is not a cache; choose a new path."
+            )
+        attrs = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **self.spec.to_attrs(),
+            "longred_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        # one write creates the group with its attributes; a concurrent creator's group is opened instead
+        self._group = zarr.open_group(self.location.url, mode="a", attributes=attrs)
+        diff = open_spec(self.location).differences(self.spec)
+        if diff:
+            raise CacheMismatchError(
+                f"{self.location.url} was just created by another writer with other inputs: "
+                f"{', '.join(diff)}."
+            )
+        for kind in self.spec.kinds:
+            for array in self.spec.arrays(kind):
+                self._create_array(array)
+
+    def _holds_other_data(self) -> bool:
+        """A non-cache folder at the path. zarr's in-flight ``*.partial`` files (a concurrent writer
+        creating the same cache) do not count."""
+        fs, root = self.location.fs, self.location.root
+        if not fs.exists(root):
+            return False
+        return any(not str(p).endswith(".partial") for p in fs.ls(root, detail=False))
+
+    def _create_array(self, array: ArraySpec) -> None:
+        per_sample = array.shape[1:]
+        try:
+            self._group.create_array(
+                array.path,
+                shape=array.shape,
+                dtype=array.dtype,
+                chunks=(1, *per_sample),
+                shards=(self.spec.shard_samples, *per_sample),
+                compressors=ZstdCodec(level=1, checksum=True),
+                fill_value=0,
+            )
+        except ContainsArrayError:
+            pass  # created by an earlier run or a concurrent writer with the same spec
+
+    # public API --------------------------------------------------------------------------------------
+    def missing_shards(self, kind: str) -> list[int]:
+        """Shards of ``kind`` without a completion record (all of them for a new cache)."""
+        done = self._complete[kind]
+        return [s for s in range(self.spec.num_shards(kind)) if s not in done]
+
+    def add(
+        self,
+        kind: str,
+        *,
+        sample_ids: torch.Tensor | np.ndarray | list[int],
+        input_ids: torch.Tensor,
+        hidden: dict[str, torch.Tensor],
+        topk_ids: torch.Tensor,
+        topk_logprobs: torch.Tensor,
+        tail_logmass: torch.Tensor,
+    ) -> None:
+        """Add a batch of targets; full shards are written in the background.
+
+        Args:
+            kind: ``"short"`` or ``"s2l"``.
+            sample_ids: (B,) distinct sample ids in [0, num_samples).
+            input_ids: (B, T) token ids.
+            hidden: layer name -> (B, T, D) float hidden states, exactly the kind's layers; they are
+                encoded with the cache's codec on their own device before the copy to the host.
+            topk_ids: (B, T, K) token ids; topk_logprobs: (B, T, K); tail_logmass: (B, T).
+
+        Raises:
+            ValueError: naming the field and sample when a shape, dtype, range or value is wrong, or a
+                sample belongs to a shard that is already complete.
+        """
+        self._raise_background_error()
+        ids = self._check_batch(kind, sample_ids, input_ids, hidden, topk_ids, topk_logprobs, tail_logmass)
+        encoded = {}
+        for layer, states in hidden.items():
+            for part, codes in self.codec.encode(states.detach()).items():
+                folder = "hidden" if part == "codes" else f"hidden_{part}"
+                encoded[f"{kind}/{folder}/{layer}"] = codes
+        values = {
+            f"{kind}/input_ids": input_ids,
+            **encoded,
+            f"{kind}/topk_ids": topk_ids,
+            f"{kind}/topk_logprobs": topk_logprobs,
+            f"{kind}/tail_logmass": tail_logmass,
+        }
+        dtypes = {a.path: a.dtype for a in self._arrays[kind]}
+        host = {path: _as_dtype(_to_numpy(v), dtypes[path]) for path, v in values.items()}
+        by_shard: dict[int, list[int]] = {}
+        for row, sample in enumerate(ids):
+            by_shard.setdefault(sample // self.spec.shard_samples, []).append(row)
+        for shard, rows in by_shard.items():
+            buffer = self._buffer(kind, shard, ids[rows[0]])
+            offsets = np.array([ids[r] - buffer.sample_ids.start for r in rows])
+            repeated = offsets[buffer.filled[offsets]]
+            if len(repeated):
+                raise ValueError(
+                    f"{kind}: sample {buffer.sample_ids.start + int(repeated[0])} was already added."
+                )
+            for array in self._arrays[kind]:
+                buffer.arrays[array.path][offsets] = host[array.path][rows]
+            buffer.filled[offsets] = True
+            if buffer.filled.all():
+                self._submit(kind, shard, self._buffers.pop((kind, shard)))
+
+    def close(self) -> None:
+        """Wait for background writes. Raises ValueError if a shard is still partly filled."""
+        self._pool.shutdown(wait=True)
+        self._raise_background_error()
+        partial = sorted(self._buffers)
+        if partial:
+            kind, shard = partial[0]
+            buffer = self._buffers[partial[0]]
+            missing = [buffer.sample_ids[i] for i in np.flatnonzero(~buffer.filled)]
+            raise ValueError(
+                f"{len(partial)} shard(s) received only part of their samples and were not written, e.g. "
+                f"{kind} shard {shard} lacks samples {missing[:8]}. Every shard must be written whole."
+            )
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep the shards that are complete; the interrupted ones are redone on resume
+            self._pool.shutdown(wait=True)
+
+    # internals ---------------------------------------------------------------------------------------
+    def _buffer(self, kind: str, shard: int, sample: int) -> _ShardBuffer:
+        if shard in self._complete[kind]:
+            raise ValueError(f"{kind}: sample {sample} belongs to shard {shard}, which is already complete.")
+        key = (kind, shard)
+        if key not in self._buffers:
+            ids = self.spec.shard_range(kind, shard)
+            arrays = {a.path: np.zeros((len(ids), *a.shape[1:]), dtype=a.dtype) for a in self._arrays[kind]}
+            self._buffers[key] = _ShardBuffer(arrays, ids)
+        return self._buffers[key]
+
+    def _submit(self, kind: str, shard: int, buffer: _ShardBuffer) -> None:
+        self._slots.acquire()
+        future = self._pool.submit(self._write_shard, kind, shard, buffer)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+
+    def _write_shard(self, kind: str, shard: int, buffer: _ShardBuffer) -> None:
+        ids = buffer.sample_ids
+        for array in self._arrays[kind]:
+            self._zarr[array.path][ids.start : ids.stop] = buffer.arrays[array.path]
+        record = self.location.checksum_record(kind, shard, self._arrays[kind], ids)
+        self.location.write_json(CacheLocation.record_key(kind, shard), record)
+        with self._counting:
+            self._complete[kind].add(shard)
+            self.bytes_written += sum(entry["bytes"] for entry in record["arrays"].values())
+            self.shards_written += 1
+
+    def _raise_background_error(self) -> None:
+        for future in [f for f in self._futures if f.done()]:
+            self._futures.remove(future)
+            future.result()
+
+    def _check_batch(self, kind, sample_ids, input_ids, hidden, topk_ids, topk_logprobs, tail_logmass):
+        if kind not in self.spec.kinds:
+            raise ValueError(f"Unknown sample kind {kind!r}; this cache holds {sorted(self.spec.kinds)}.")
+        ks = self.spec.kinds[kind]
+        ids = [int(i) for i in (sample_ids.tolist() if hasattr(sample_ids, "tolist") else sample_ids)]
+        b, t, d, k = len(ids), ks.length, self.spec.hidden_size, self.spec.top_k
+        bad = [i for i in ids if not 0 <= i < ks.num_samples]
+        if bad:
+            raise ValueError(f"{kind}: sample ids {bad[:5]} out of range [0, {ks.num_samples}).")
+        if len(set(ids)) != b:
+            raise ValueError(f"{kind}: sample ids repeat within the batch.")
+        _check_tensor(kind, "input_ids", input_ids, (b, t), integer=True, ids=ids, high=self.spec.vocab_size)
+        if set(hidden) != set(ks.layers):
+            raise ValueError(f"{kind}: hidden must hold layers {list(ks.layers)}, got {list(hidden)}.")
+        for layer, states in hidden.items():
+            _check_tensor(kind, f"hidden[{layer}]", states, (b, t, d), integer=False, ids=ids)
+        _check_tensor(kind, "topk_ids", topk_ids, (b, t, k), integer=True, ids=ids, high=self.spec.vocab_size)
+        _check_tensor(kind, "topk_logprobs", topk_logprobs, (b, t, k), integer=False, ids=ids)
+        _check_tensor(kind, "tail_logmass", tail_logmass, (b, t), integer=False, ids=ids, allow_neg_inf=True)
+        return ids
+
+
+def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast to the stored dtype; same-size integer types are reinterpreted (bf16 bits, uint16 ids)."""
+    target = np.dtype(dtype)
+    if array.dtype.kind in "iu" and target.kind in "iu" and array.dtype.itemsize == target.itemsize:
+        return array.view(target)
+    return array.astype(target, copy=False)
+
+
+def _check_tensor(kind, name, value, shape, *, integer, ids, high=None, allow_neg_inf=False) -> None:
+    """Shape, dtype and value checks; the common all-good case costs one reduction over the tensor."""
+    tensor = torch.as_tensor(value)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{kind}: {name} has shape {tuple(tensor.shape)}, expected {shape}.")
+    if integer:
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise ValueError(f"{kind}: {name} must hold integers, got {tensor.dtype}.")
+        low, top = torch.aminmax(tensor)
+        if low >= 0 and top < high:
+            return
+        bad, what = (tensor < 0) | (tensor >= high), f"token ids outside [0, {high})"
+    else:
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{kind}: {name} must be floating point, got {tensor.dtype}.")
+        if torch.isfinite(tensor.sum(dtype=torch.float32)):  # NaN and inf survive a sum
+            return
+        bad = torch.isnan(tensor) | (tensor == float("inf"))
+        if not allow_neg_inf:
+            bad |= tensor == float("-inf")
+        what = "NaN or inf values"
+    if bad.any():
+        row = int(bad.reshape(shape[0], -1).any(dim=1).nonzero()[0])
+        raise ValueError(f"{kind}: {name} of sample {ids[row]} contains {what}.")

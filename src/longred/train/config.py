@@ -1,0 +1,278 @@
+"""TrainConfig: every setting of one `longred train` run, checked once, before anything is loaded.
+
+The config is flat because it is the command line (`add_config_arguments` makes one flag per field, and
+a YAML file in configs/ may set the same keys); the components take the typed pieces they need
+(`PositionSampler`, `LRSchedule`, `step_plan`) from it. Checks that need the cache or the model (layers
+stored, hidden size, lengths) happen when the run is built (`longred.train.student`, `.data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from longred.base.config import check
+from longred.base.rope import parse_rope_spec
+
+__all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
+
+METHODS = ("longred-c", "longred-u", "long-cpt", "mix-cpt")
+"""LongReD with CREAM / uniform skipped positions; long-text-only and mixed-text continual pre-training."""
+RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints"})
+"""Settings a rerun on the same `out` may change; any other difference refuses to resume."""
+SHORT_CORPUS_SETTINGS = ("short_len", "short_samples", "s2l_len", "s2l_samples", "top_k")
+"""How the texts are cut from short_corpus (`longred precompute`'s settings of the same names)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Settings of `longred train` (YAML keys and flags share these names)."""
+
+    # run -------------------------------------------------------------------------------------------
+    out: str
+    """Run folder: checkpoints/, model/ (the final student), metrics.jsonl, loss_curves.png."""
+    method: str = "longred-c"
+    """longred-c (CREAM skipped positions), longred-u (uniform), long-cpt (long texts only) or mix-cpt
+    (cross-entropy on long, short and s2l texts)."""
+    steps: int = 512
+    """Optimizer steps; rerunning with a larger value continues a finished run."""
+    seed: int = 0
+    """Seed of the data order, the skipped positions and the long-text windows."""
+
+    # model -----------------------------------------------------------------------------------------
+    rope: str
+    """Extended RoPE of the student, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4 (longred.base.rope)."""
+    long_len: int
+    """Tokens per long text (T_long); each long sample holds long_len + 1 tokens."""
+    extended_len: int | None = None
+    """Window the skipped s2l positions span, and the student's new max length (default: long_len)."""
+    teacher: str | None = None
+    """Teacher model folder (the embedded SmolLM2-135M-Instruct when unset); loaded for teacher_mode
+    online and the default student."""
+    student: str | None = None
+    """Initial student weights (default: the teacher's)."""
+    allow_other_student: bool = False
+    """Train a student whose weights or tokenizer differ from the teacher's (the cache's or the online
+    one) instead of refusing."""
+    dtype: str = "float32"
+    """Student parameter dtype (float32 keeps fp32 master weights; compute is bf16 autocast on GPU)."""
+    attn_implementation: str | None = None
+    """sdpa, eager, flex_attention or flash_attention_2 (default: flash on CUDA when installed, else sdpa)."""
+
+    # data ------------------------------------------------------------------------------------------
+    cache: str | None = None
+    """Teacher cache from `longred precompute` (short and s2l samples and targets); not needed by long-cpt."""
+    short_corpus: str | None = None
+    """Instead of a cache (teacher_mode online, mix-cpt): the corpus the short and s2l texts are cut from,
+    exactly as `longred precompute` cuts them (with heldout 0)."""
+    short_field: str = "text"
+    """JSONL field or Parquet/dataset column of short_corpus."""
+    short_len: int | None = None
+    """With short_corpus: tokens per short text (default: precompute's, 1024)."""
+    short_samples: int | None = None
+    """With short_corpus: short texts cut (default: precompute's, 256)."""
+    s2l_len: int | None = None
+    """With short_corpus: tokens per s2l text, the original window (default: precompute's, 8192)."""
+    s2l_samples: int | None = None
+    """With short_corpus: s2l texts cut (default: precompute's, 16)."""
+    top_k: int | None = None
+    """With short_corpus: top-k of the live teacher's log-probabilities for s2l_kl_weight (default: 64)."""
+    long_corpus: str
+    """Long-text corpus: file, folder, HF dataset folder, or embedded:prose / embedded:source."""
+    long_field: str = "text"
+    """JSONL field or Parquet/dataset column holding the long texts."""
+    long_packing: str = "pack"
+    """pack: documents joined with EOS and cut; document: one window per long-enough document."""
+    long_samples: int = 1024
+    """Long windows tokenized once (kept in out/data/); the stream cycles through them."""
+    layers: list[str] | None = None
+    """Distilled short-text layers, a subset of the cache's (default: all stored; with short_corpus:
+    precompute's default layers)."""
+    long_batch: int = 1
+    """Long texts per micro-batch per rank."""
+    short_batch: int = 8
+    """Short texts per micro-batch per rank."""
+    s2l_batch: int = 1
+    """Short-to-long texts per micro-batch per rank."""
+
+    # objectives ------------------------------------------------------------------------------------
+    combine: str = "weighted"
+    """weighted: one micro-batch per stream and step, L = L_long + a1 L_short + a2 L_s2l; interleaved:
+    `interleave` micro-steps per step, each loss times its alpha, averaged (the authors' schedule)."""
+    interleave: str = "8,6,2"
+    """Micro-steps per optimizer step for long, short, s2l (combine interleaved)."""
+    alpha_short: float = 5.0
+    """a1, weight of L_short (METHOD.md: 5 at 32K, 2 at 128K)."""
+    alpha_s2l: float = 10.0
+    """a2, weight of L_s2l (METHOD.md: 10 at 32K, 15 at 128K)."""
+    s2l_kl_weight: float = 0.0
+    """Adds this times KL(teacher top-k + tail || student) to L_s2l (0: cosine only, as the paper)."""
+    teacher_mode: str = "offline"
+    """offline: targets streamed from the cache; online: the frozen teacher computes them live (on the
+    cache's texts, or on texts cut from short_corpus: no cache needed)."""
+    online_rounding: bool = False
+    """teacher_mode online: round the live targets as the cache stores them (codec, float16 top-k)."""
+    chunk_tokens: int = 1024
+    """Tokens projected onto the vocabulary at once in cross-entropy and KL."""
+
+    # optimisation ----------------------------------------------------------------------------------
+    lr: float = 2e-5
+    """Peak learning rate (AdamW, betas 0.9 / 0.95)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of matrices (norm weights and biases are not decayed)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many steps."""
+    decay: str = "constant"
+    """constant, or cosine from lr down to min_lr_ratio * lr at the last step (a rerun with more steps
+    stretches the rest of the decay)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+
+    # machinery -------------------------------------------------------------------------------------
+    parallel: str = "ddp"
+    """Under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard per block)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    device: str | None = None
+    """cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when available, else cpu)."""
+    save_every: int = 0
+    """Checkpoint every N steps (the last step is always saved; 0: only the last)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints (older ones are deleted)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = self.layers.split(",")
+        if self.layers is not None:
+            self.layers = [str(x).strip() for x in self.layers]
+        problems: list[str] = []
+        choices = {
+            "method": METHODS,
+            "combine": ("weighted", "interleaved"),
+            "teacher_mode": ("offline", "online"),
+            "long_packing": ("pack", "document"),
+            "decay": ("constant", "cosine"),
+            "parallel": ("ddp", "fsdp"),
+            "dtype": ("float32", "bfloat16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in (
+            "steps",
+            "long_samples",
+            "long_batch",
+            "short_batch",
+            "s2l_batch",
+            "chunk_tokens",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "alpha_short",
+            "alpha_s2l",
+            "s2l_kl_weight",
+            "weight_decay",
+            "grad_clip",
+        ):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.long_len < 2:
+            problems.append(f"long_len must be >= 2, got {self.long_len}")
+        if self.extended_len is not None and self.extended_len < self.long_len:
+            problems.append(
+                f"extended_len ({self.extended_len}) must be >= long_len ({self.long_len}); "
+                "unset it to use long_len"
+            )
+        try:
+            parse_rope_spec(self.rope)
+        except ValueError as err:
+            problems.append(f"rope: {err}")
+        problems += self._objective_problems()
+        check(problems, "train")
+
+    def _objective_problems(self) -> list[str]:
+        problems = []
+        distils = self.method in ("longred-c", "longred-u")
+        for name in SHORT_CORPUS_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and self.short_corpus is None:
+                problems.append(f"{name} applies to the texts cut from short_corpus; a cache fixes it")
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        if self.short_corpus is not None and self.method == "long-cpt":
+            problems.append("short_corpus is unused: method long-cpt trains on long texts only")
+        if self.cache is not None and self.short_corpus is not None:
+            problems.append("set cache or short_corpus, not both (a cache holds its own short and s2l texts)")
+        if self.cache is None and self.method != "long-cpt":
+            if distils and self.teacher_mode == "offline":
+                problems.append(
+                    f"method {self.method} with teacher_mode offline needs a cache (set cache); or set "
+                    "teacher_mode online with short_corpus, or use method long-cpt"
+                )
+            elif self.short_corpus is None:
+                problems.append(f"method {self.method} needs short and s2l texts: set cache or short_corpus")
+        if self.online_rounding and self.cache is None:
+            problems.append("online_rounding rounds live targets as a cache's codec does; it needs a cache")
+        if self.teacher_mode == "online" and not distils:
+            problems.append(
+                f"teacher_mode online computes distillation targets; method {self.method} has none"
+            )
+        if self.online_rounding and self.teacher_mode != "online":
+            problems.append("online_rounding needs teacher_mode online")
+        if self.s2l_kl_weight > 0 and not distils:
+            problems.append(f"s2l_kl_weight is a distillation term; method {self.method} has none")
+        try:
+            counts = self.interleave_counts
+        except ValueError:
+            problems.append(f"interleave must be three integers 'long,short,s2l', got {self.interleave!r}")
+        else:
+            if self.combine == "interleaved" and (min(counts) < 0 or counts[0] < 1):
+                problems.append(
+                    f"interleave needs >= 1 long and >= 0 short/s2l micro-steps, got {self.interleave!r}"
+                )
+            if self.combine == "interleaved" and self.method != "long-cpt" and min(counts[1:]) < 1:
+                problems.append(
+                    f"method {self.method} needs >= 1 short and s2l micro-step in interleave, "
+                    f"got {self.interleave!r}"
+                )
+        return problems
+
+    # derived ---------------------------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        """The student's new maximum length: the extended window."""
+        return self.extended_len or self.long_len
+
+    @property
+    def interleave_counts(self) -> tuple[int, int, int]:
+        """(long, short, s2l) micro-steps of an interleaved optimizer step."""
+        parts = [int(x) for x in str(self.interleave).split(",")]
+        if len(parts) != 3:
+            raise ValueError(f"interleave needs 3 counts, got {self.interleave!r}")
+        return parts[0], parts[1], parts[2]
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The data streams this method trains on."""
+        return ("long",) if self.method == "long-cpt" else ("long", "short", "s2l")
+
+    @property
+    def distils(self) -> bool:
+        """Whether short and s2l texts are distilled (LongReD) rather than trained with cross-entropy."""
+        return self.method in ("longred-c", "longred-u")
+
+    def to_dict(self) -> dict:
+        """The resolved settings, JSON- and YAML-able."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
