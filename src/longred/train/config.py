@@ -102,9 +102,9 @@ class TrainConfig:
     interleave: str = "8,6,2"
     """Micro-steps per optimizer step for long, short, s2l (combine interleaved)."""
     alpha_short: float = 5.0
-    """a1, weight of L_short (METHOD.md: 5 at 32K, 2 at 128K)."""
+    """a1, weight of L_short (docs/METHOD.md: 5 at 32K, 2 at 128K)."""
     alpha_s2l: float = 10.0
-    """a2, weight of L_s2l (METHOD.md: 10 at 32K, 15 at 128K)."""
+    """a2, weight of L_s2l (docs/METHOD.md: 10 at 32K, 15 at 128K)."""
     s2l_kl_weight: float = 0.0
     """Adds this times KL(teacher top-k + tail || student) to L_s2l (0: cosine only, as the paper)."""
     teacher_mode: str = "offline"
