@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from longred.base.config import check
+from longred.base.config import at_least, check, comma_list
 from longred.base.rope import parse_rope_spec
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
@@ -91,7 +91,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.passkey_lengths, str):
-            self.passkey_lengths = [int(x) for x in self.passkey_lengths.split(",") if x.strip()]
+            self.passkey_lengths = [int(x) for x in comma_list(self.passkey_lengths)]
         problems = []
         if self.teacher_mode not in _TEACHER_MODES:
             problems.append(f"teacher_mode must be one of {list(_TEACHER_MODES)}, got {self.teacher_mode!r}")
@@ -99,7 +99,9 @@ class EvalConfig:
             problems.append("teacher_mode 'offline' needs a cache (the teacher's stored targets)")
         if self.long_packing not in _PACKINGS:
             problems.append(f"long_packing must be one of {list(_PACKINGS)}, got {self.long_packing!r}")
-        for name in (
+        problems += at_least(
+            self,
+            1,
             "short_len",
             "short_samples",
             "long_samples",
@@ -107,9 +109,7 @@ class EvalConfig:
             "passkey_trials",
             "batch_size",
             "chunk_tokens",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        )
         if self.long_skip < 0:
             problems.append(f"long_skip must be >= 0, got {self.long_skip}")
         if self.long_len is not None and self.long_len < 2:

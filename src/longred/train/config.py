@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from longred.base.config import check
+from longred.base.config import at_least, check, comma_list
 from longred.base.rope import parse_rope_spec
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
@@ -145,10 +145,8 @@ class TrainConfig:
     """Checkpoints kept in out/checkpoints (older ones are deleted)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            self.layers = self.layers.split(",")
         if self.layers is not None:
-            self.layers = [str(x).strip() for x in self.layers]
+            self.layers = list(comma_list(self.layers))
         problems: list[str] = []
         choices = {
             "method": METHODS,
@@ -162,18 +160,13 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in (
-            "steps",
-            "long_samples",
-            "long_batch",
-            "short_batch",
-            "s2l_batch",
-            "chunk_tokens",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
+        problems += at_least(
+            self, 1, "steps", "long_samples", "long_batch", "short_batch", "s2l_batch", "chunk_tokens"
+        )
+        problems += at_least(self, 1, "keep_checkpoints")
+        problems += at_least(
+            self,
+            0,
             "warmup_steps",
             "save_every",
             "alpha_short",
@@ -181,9 +174,7 @@ class TrainConfig:
             "s2l_kl_weight",
             "weight_decay",
             "grad_clip",
-        ):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        )
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -205,12 +196,12 @@ class TrainConfig:
     def _objective_problems(self) -> list[str]:
         problems = []
         distils = self.method in ("longred-c", "longred-u")
-        for name in SHORT_CORPUS_SETTINGS:
-            value = getattr(self, name)
-            if value is not None and self.short_corpus is None:
-                problems.append(f"{name} applies to the texts cut from short_corpus; a cache fixes it")
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1, got {value}")
+        given = [name for name in SHORT_CORPUS_SETTINGS if getattr(self, name) is not None]
+        if self.short_corpus is None:
+            problems += [
+                f"{name} applies to the texts cut from short_corpus; a cache fixes it" for name in given
+            ]
+        problems += at_least(self, 1, *given)
         if self.short_corpus is not None and self.method == "long-cpt":
             problems.append("short_corpus is unused: method long-cpt trains on long texts only")
         if self.cache is not None and self.short_corpus is not None:
@@ -258,7 +249,7 @@ class TrainConfig:
     @property
     def interleave_counts(self) -> tuple[int, int, int]:
         """(long, short, s2l) micro-steps of an interleaved optimizer step."""
-        parts = [int(x) for x in str(self.interleave).split(",")]
+        parts = [int(x) for x in comma_list(str(self.interleave))]
         if len(parts) != 3:
             raise ValueError(f"interleave needs 3 counts, got {self.interleave!r}")
         return parts[0], parts[1], parts[2]
