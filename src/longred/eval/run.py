@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig
 
 from longred.base.config import at_least, check, comma_list
-from longred.base.rope import parse_rope_spec
+from longred.base.rope import RopeSpec, parse_rope_spec
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import evaluate_model
@@ -49,7 +49,7 @@ class EvalConfig:
     cosine at every layer). offline: the cache alone (top-k + tail KL, cosine at the cached layers)."""
     cache: str | None = None
     """Teacher cache whose held-out short samples are the short texts; None = cut them from short_corpus."""
-    rope: str | None = None
+    rope: RopeSpec | None = None
     """RoPE spec applied to the model before it is built (e.g. abf:theta=1e7 to evaluate the extended
     model before training); None keeps the model's own RoPE."""
     max_position_embeddings: int | None = None
@@ -118,7 +118,7 @@ class EvalConfig:
             problems.append("passkey_lengths must name at least one length (or be omitted)")
         if self.rope is not None:
             try:
-                parse_rope_spec(self.rope)
+                self.rope = parse_rope_spec(self.rope)  # parsed once
             except ValueError as err:
                 problems.append(f"rope: {err}")
         elif self.max_position_embeddings is not None:
@@ -198,6 +198,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     label = Path(config.model).name + (f" ({config.rope})" if config.rope else "")
     meta = {
         **asdict(config),
+        "rope": None if config.rope is None else str(config.rope),
         "device": device,
         "teacher": str(teacher_dir),
         "model_rope": model.config.rope_parameters,
@@ -225,7 +226,7 @@ def _check_teacher_matches(cache: TeacherCache, teacher_dir: Path) -> None:
 def _load_evaluated_model(config: EvalConfig, *, device: str) -> Any:
     """The model, with `config.rope` applied before it is built (abf's window: the longest length)."""
     window = config.max_position_embeddings
-    if config.rope is not None and window is None and parse_rope_spec(config.rope).kind == "abf":
+    if config.rope is not None and window is None and config.rope.kind == "abf":
         original = AutoConfig.from_pretrained(config.model).max_position_embeddings
         window = max(original, config.long_len or original, *(config.passkey_lengths or ()))
     model = load_model(config.model, device=device, rope=config.rope, max_position_embeddings=window)

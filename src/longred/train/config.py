@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from longred.base.config import at_least, check, comma_list
-from longred.base.rope import parse_rope_spec
+from longred.base.rope import RopeSpec, parse_rope_spec
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
 
@@ -40,7 +40,7 @@ class TrainConfig:
     """Seed of the data order, the skipped positions and the long-text windows."""
 
     # model -----------------------------------------------------------------------------------------
-    rope: str
+    rope: RopeSpec
     """Extended RoPE of the student, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4 (longred.base.rope)."""
     long_len: int
     """Tokens per long text (T_long); each long sample holds long_len + 1 tokens."""
@@ -187,7 +187,7 @@ class TrainConfig:
                 "unset it to use long_len"
             )
         try:
-            parse_rope_spec(self.rope)
+            self.rope = parse_rope_spec(self.rope)  # parsed once: every later use holds the spec
         except ValueError as err:
             problems.append(f"rope: {err}")
         problems += self._objective_problems()
@@ -265,5 +265,5 @@ class TrainConfig:
         return self.method in ("longred-c", "longred-u")
 
     def to_dict(self) -> dict:
-        """The resolved settings, JSON- and YAML-able."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The resolved settings, JSON- and YAML-able (the RoPE spec as its canonical string)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"rope": str(self.rope)}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from longred.base.rope import parse_rope_spec
+from longred.base.rope import RopeSpec
 from longred.models.identity import fingerprint_differences
 from longred.models.loading import load_model
 
@@ -73,7 +73,7 @@ def check_fingerprint(student_dir: str | Path, reference: dict, *, allow_other: 
 def build_student(
     path: str | Path,
     *,
-    rope: str | None,
+    rope: RopeSpec | None,
     window: int,
     dtype: str,
     device: torch.device,
@@ -99,7 +99,7 @@ def build_student(
         dtype=_DTYPES[dtype],
         device=device,
         rope=rope,
-        max_position_embeddings=None if rope is None else parse_rope_spec(rope).window(window),
+        max_position_embeddings=None if rope is None else rope.window(window),
         attn_implementation=attn_implementation,
     )
     student.config.use_cache = False
