@@ -46,7 +46,9 @@ def _cache_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     print(f"cache      {info['url']}  ({info['format']}, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
-    print(f"teacher    {info['teacher']['name']}  weights {info['teacher']['weights_sha256'][:12]}")
+    teacher = info["teacher"]
+    revision = f"@{teacher['revision'][:12]}" if "revision" in teacher else ""
+    print(f"teacher    {teacher['name']}{revision}  weights {teacher['weights_sha256'][:12]}")
     print(f"codec      {info['codec']}  top-k {info['top_k']}  hidden {info['hidden_size']}")
     print(f"created    {info['created_at']} by longred {info['longred_version']}")
     for kind, k in info["kinds"].items():

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longred.models.identity import fingerprint
-from longred.models.loading import load_tokenizer, resolve_teacher
+from longred.models.loading import load_tokenizer, resolve_model, resolve_teacher
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
 from longred.ops.layers import check_layers
 from longred.storage import TeacherCache
@@ -116,7 +116,7 @@ class Trainer:
         """Student (fingerprint-checked, extended RoPE), its wrapped objectives, AdamW, the online teacher."""
         cfg, online = self.config, self.config.teacher_mode == "online"
         teacher_dir = resolve_teacher(cfg.teacher) if cfg.student is None or online else None
-        student_dir = Path(cfg.student) if cfg.student else teacher_dir
+        student_dir = resolve_model(cfg.student, what="Student") if cfg.student else teacher_dir
         reference = None  # the weights the distillation targets come from
         checked = None  # a folder already found to hold them
         if self.cache is not None:
