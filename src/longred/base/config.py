@@ -55,12 +55,22 @@ def load_config(cls: type[T], *, path: str | None = None, overrides: dict[str, A
             raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}.")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    required = [f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in values]
+    if required:
+        flags = ", ".join("--" + name.replace("_", "-") for name in required)
+        raise ConfigError(
+            f"{path or 'flags'}: missing required setting(s) {flags} (or {', '.join(required)} in --config)"
+        )
     try:
         return cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path or 'flags'}: {err}") from err
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def check(problems: list[str], what: str) -> None:
@@ -110,7 +120,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         doc = docs.get(f.name, "")
         help_text = doc if "(default" in doc else f"{doc} (default: {default})"  # the doc may explain it
         if hint is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            # --flag / --no-flag: a YAML's `true` can be turned off from the command line
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = next((t for t in (int, float) if t is hint or t in typing.get_args(hint)), str)
             parser.add_argument(flag, type=kind, default=None, help=help_text, dest=f.name)
