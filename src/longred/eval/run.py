@@ -18,6 +18,7 @@ from transformers import AutoConfig
 
 from longred.base.config import at_least, check, comma_list
 from longred.base.rope import RopeSpec, parse_rope_spec
+from longred.base.urls import check_urls
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import evaluate_model
@@ -123,6 +124,7 @@ class EvalConfig:
                 problems.append(f"rope: {err}")
         elif self.max_position_embeddings is not None:
             problems.append("max_position_embeddings is only used with rope; give a rope spec or drop it")
+        problems += check_urls(self, stores=("cache",), folders=("out",))
         check(problems, "eval")
 
 

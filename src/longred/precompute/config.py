@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
 from longred.base.config import at_least, check, comma_list
+from longred.base.urls import check_urls
 from longred.corpus.windows import PACKINGS, SampleSpec
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K
 from longred.storage import CODECS
@@ -66,6 +67,7 @@ class PrecomputeConfig:
             problems.append(f"packing must be 'pack' or 'document', got {self.packing!r}")
         if not self.layers:
             problems.append("layers must name at least one layer")
+        problems += check_urls(self, stores=("out",), folders=())
         check(problems, "precompute")
 
     def sample_spec(self) -> SampleSpec:

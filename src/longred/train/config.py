@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from longred.base.config import at_least, check, comma_list
 from longred.base.rope import RopeSpec, parse_rope_spec
+from longred.base.urls import check_urls
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
 
@@ -191,6 +192,7 @@ class TrainConfig:
         except ValueError as err:
             problems.append(f"rope: {err}")
         problems += self._objective_problems()
+        problems += check_urls(self, stores=("cache",), folders=("out",))
         check(problems, "train")
 
     def _objective_problems(self) -> list[str]:
