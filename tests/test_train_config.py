@@ -67,6 +67,7 @@ FLAGS = {
     "--device",
     "--save-every",
     "--keep-checkpoints",
+    "--report-to",
 }
 
 

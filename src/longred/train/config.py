@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from longred.base.config import at_least, check, comma_list
 from longred.base.rope import RopeSpec, parse_rope_spec
 from longred.base.urls import check_urls
+from longred.train.tracking import REPORT_TO
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
 
 METHODS = ("longred-c", "longred-u", "long-cpt", "mix-cpt")
 """LongReD with CREAM / uniform skipped positions; long-text-only and mixed-text continual pre-training."""
-RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "report_to"})
 """Settings a rerun on the same `out` may change; any other difference refuses to resume."""
 SHORT_CORPUS_SETTINGS = ("short_len", "short_samples", "s2l_len", "s2l_samples", "top_k")
 """How the texts are cut from short_corpus (`longred precompute`'s settings of the same names)."""
@@ -144,6 +145,8 @@ class TrainConfig:
     """Checkpoint every N steps (the last step is always saved; 0: only the last)."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints (older ones are deleted)."""
+    report_to: str = "none"
+    """Experiment tracking: none, tensorboard (out/tensorboard), wandb, trackio or mlflow (extras)."""
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -157,6 +160,7 @@ class TrainConfig:
             "decay": ("constant", "cosine"),
             "parallel": ("ddp", "fsdp"),
             "dtype": ("float32", "bfloat16"),
+            "report_to": REPORT_TO,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -56,6 +56,7 @@ from longred.train.student import (
     check_structure,
     load_teacher,
 )
+from longred.train.tracking import Tracker, open_tracker
 
 __all__ = ["Trainer", "run_training"]
 
@@ -109,6 +110,12 @@ class Trainer:
             MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.rank == 0 else None
         )
         self.log(describe_weights(cfg, self.plan, micro_tokens))
+        self.tracker = Tracker()
+        if self.dist.rank == 0:
+            self.tracker = open_tracker(
+                cfg.report_to, out=self.out, run_name=self.out.name, config=cfg.to_dict()
+            )
+            self.tracker.log({f"weight_{s}": w for s, w in self.weights["per_step"].items()}, step=self.step)
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} (step {self.step} of {cfg.steps})")
 
@@ -303,6 +310,7 @@ class Trainer:
             record["time_s"] = round(self.time_s, 4)
             if self.metrics is not None:
                 self.metrics.write(record)
+            self.tracker.log(record | {"tokens_per_s": self.tokens / self.time_s}, step=self.step)
             terms = {
                 k.removeprefix("loss_"): f"{v:.4g}"
                 for k, v in record.items()
@@ -313,6 +321,7 @@ class Trainer:
             if self.step == cfg.steps or (cfg.save_every and self.step % cfg.save_every == 0):
                 self.save_checkpoint()
         bar.close()
+        self.tracker.finish()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
             shutil.rmtree(self.out / "model", ignore_errors=True)
