@@ -74,3 +74,24 @@ def test_storage_errors_are_one_line(tmp_path, capsys):
     assert main(["cache", "info", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("longred: error: ") and "is not a longred cache" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {}, True),
+        (["-q"], {}, False),
+        ([], {"TQDM_DISABLE": "1"}, False),
+        ([], {"TQDM_DISABLE": "0"}, True),
+    ],
+)
+def test_quiet_and_tqdm_disable_turn_progress_off(monkeypatch, argv, env, expected):
+    seen = {}
+    monkeypatch.setattr("longred.cli._demo", lambda args: seen.setdefault("progress", args.progress) and 0)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if not env:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    parser_argv = [*argv, "demo", "--preset", "smoke"]
+    main(parser_argv)
+    assert seen["progress"] is expected

@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 
+from longred.base.logs import progress_enabled, setup_logging
 from longred.base.version import __version__
 
 __all__ = ["main", "build_parser"]
@@ -21,10 +22,13 @@ def _config(args: argparse.Namespace, cls: type):
     return load_config(cls, path=args.config, overrides=config_overrides(args, cls))
 
 
+_NOT_OPTIONS = ("command", "target", "run", "benchmark", "quiet", "verbose", "progress")
+
+
 def _bench(args: argparse.Namespace) -> int:
     module, function = args.benchmark.split(":")
     run = getattr(importlib.import_module(module), function)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "target", "run", "benchmark")}
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
     print(json.dumps(run(**options), indent=1))
     return 0
 
@@ -79,7 +83,7 @@ def _precompute(args: argparse.Namespace) -> int:
     from longred.precompute.job import run_precompute
 
     config = _config(args, PrecomputeConfig)
-    summary = run_precompute(config)
+    summary = run_precompute(config, progress=args.progress)
     print(
         f"precompute rank {summary['rank']}/{summary['world_size']} on {summary['device']}: "
         f"{summary['samples']} samples, {summary['tokens']} tokens in {summary['seconds']} s "
@@ -111,7 +115,7 @@ def _train(args: argparse.Namespace) -> int:
     from longred.train import TrainConfig, run_training
 
     config = _config(args, TrainConfig)
-    summary = run_training(config)
+    summary = run_training(config, progress=args.progress)
     print(
         f"trained {summary['steps']} steps, {summary['tokens']} tokens in {summary['time_s']:.1f} s; "
         f"student: {summary['model']}"
@@ -123,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     from longred.eval import HEADLINE_KEYS, EvalConfig, run_eval
 
     config = _config(args, EvalConfig)
-    results = run_eval(config)
+    results = run_eval(config, progress=args.progress)
     for label, r in results["models"].items():
         print(f"{label}: " + ", ".join(f"{k}={r[k]}" for k in HEADLINE_KEYS))
     print(f"report: {config.out}/report.md")
@@ -133,7 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from longred.recipes.demo import run_demo
 
-    run_demo(preset=args.preset, out=args.out)
+    run_demo(preset=args.preset, out=args.out, progress=args.progress)
     return 0
 
 
@@ -172,6 +176,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         configured = next((a for a in argv if not a.startswith("-")), "")
     parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"longred {__version__}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_cache_commands(commands)
 
@@ -291,6 +300,8 @@ def _expected(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    setup_logging(verbosity=-1 if args.quiet else int(args.verbose))
+    args.progress = progress_enabled(quiet=args.quiet)
     try:
         return args.run(args)
     except Exception as err:

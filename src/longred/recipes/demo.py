@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from longred.base.io import atomic_write_json
+from longred.base.logs import LOG
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import HEADLINE_KEYS, evaluate_model
@@ -298,4 +299,4 @@ def _fmt(value, spec: str) -> str:
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(message, flush=True)
+        LOG.info(message)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from longred.base.logs import LOG
 from longred.models.identity import fingerprint
 from longred.models.loading import load_tokenizer, resolve_model, resolve_teacher
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
@@ -220,13 +221,12 @@ class Trainer:
         return 0
 
     def log(self, message: str) -> None:
-        """One line of the run log (rank 0): out/train.log, and the console when progress is on."""
+        """One line of the run log (rank 0): out/train.log, and the `longred` logger."""
         if self.dist.rank != 0:
             return
         with (self.out / "train.log").open("a") as file:
             file.write(message + "\n")
-        if self.progress:
-            tqdm.write(message)
+        LOG.info(message)
 
     # loop ------------------------------------------------------------------------------------------
     def micro_batch(self, stream: str, *, step: int, index: int) -> MicroBatch:
