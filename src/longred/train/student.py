@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers import AutoConfig
 
 from longred.base.rope import RopeSpec
 from longred.models.identity import fingerprint_differences
@@ -85,7 +86,7 @@ def build_student(
     Args:
         path: Hugging Face folder of the initial weights (or a checkpoint's, whose config has the RoPE).
         rope: RoPE spec applied before the model is built; None keeps the folder's RoPE (resuming).
-        window: the new max_position_embeddings.
+        window: the new max_position_embeddings (at least the original's).
         dtype: "float32" or "bfloat16" parameters.
         device: where the weights go.
         attn_implementation: None for the default (see `longred.models.loading.load_model`).
@@ -94,6 +95,8 @@ def build_student(
     Returns:
         A `*ForCausalLM` whose config carries the new `rope_parameters` and `max_position_embeddings`.
     """
+    # the extended window never shrinks below the original's (a 1K training window on an 8K model)
+    window = max(window, AutoConfig.from_pretrained(path).max_position_embeddings)
     student = load_model(
         path,
         dtype=_DTYPES[dtype],

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from longred.base.logs import LOG
-from longred.models.identity import fingerprint
+from longred.models.identity import fingerprint, teacher_identity
 from longred.models.loading import load_tokenizer, resolve_model, resolve_teacher
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
 from longred.ops.layers import check_layers
@@ -45,6 +46,7 @@ from longred.train.data import (
     short_corpus_source,
     short_windows,
 )
+from longred.train.export import export_student
 from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
 from longred.train.parallel import Distributed, gradient_sync, parallelize
@@ -138,6 +140,7 @@ class Trainer:
         if reference is not None and self.resumed_from is None and student_dir != checked:
             check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
         source = self.resumed_from / "model" if self.resumed_from else student_dir
+        self.student_dir = student_dir  # the initial weights: the exported model card names them
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
             source,
@@ -328,6 +331,7 @@ class Trainer:
             shutil.copytree(
                 self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out / "model"
             )
+            self._export()
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
@@ -343,6 +347,21 @@ class Trainer:
             "metrics": str(self.out / "metrics.jsonl"),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
+
+    def _export(self) -> None:
+        """Finish out/model as a plain Hugging Face folder with its card (see `longred.train.export`)."""
+        original = AutoConfig.from_pretrained(self.student_dir)
+        teacher = self.fingerprint["teacher"] if self.fingerprint else teacher_identity(self.student_dir)
+        export_student(
+            self.out / "model",
+            use_cache=getattr(original, "use_cache", True),
+            settings=self.config.to_dict(),
+            card={
+                "teacher": teacher,
+                "cache": self.fingerprint,
+                "summary": {"steps": self.step, "tokens": self.tokens},
+            },
+        )
 
     def save_checkpoint(self) -> None:
         """Write out/checkpoints/step-N (collective: every rank calls it)."""
