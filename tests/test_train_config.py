@@ -68,6 +68,7 @@ FLAGS = {
     "--save-every",
     "--keep-checkpoints",
     "--report-to",
+    "--push-to-hub",
 }
 
 

@@ -20,7 +20,7 @@ __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS
 
 METHODS = ("longred-c", "longred-u", "long-cpt", "mix-cpt")
 """LongReD with CREAM / uniform skipped positions; long-text-only and mixed-text continual pre-training."""
-RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "report_to"})
+RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "report_to", "push_to_hub"})
 """Settings a rerun on the same `out` may change; any other difference refuses to resume."""
 SHORT_CORPUS_SETTINGS = ("short_len", "short_samples", "s2l_len", "s2l_samples", "top_k")
 """How the texts are cut from short_corpus (`longred precompute`'s settings of the same names)."""
@@ -145,6 +145,8 @@ class TrainConfig:
     """Checkpoint every N steps (the last step is always saved; 0: only the last)."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints (older ones are deleted)."""
+    push_to_hub: str | None = None
+    """Hub repository (org/name) the final student is uploaded to after training (needs a token)."""
     report_to: str = "none"
     """Experiment tracking: none, tensorboard (out/tensorboard), wandb, trackio or mlflow (extras)."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from longred.base.io import atomic_write_json, atomic_write_text
 
-__all__ = ["export_student", "legacy_rope_keys", "model_card"]
+__all__ = ["export_student", "legacy_rope_keys", "model_card", "push_to_hub"]
 
 
 def legacy_rope_keys(rope_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -73,3 +73,15 @@ def model_card(*, config: dict, settings: dict, teacher: dict, cache: dict | Non
     if summary.get("eval"):
         lines += ["", "## Evaluation", "", "```json", json.dumps(summary["eval"], indent=1), "```"]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def push_to_hub(folder: Path, *, repo_id: str) -> str:
+    """Upload an exported model folder to the Hub repository ``repo_id`` (created if missing); its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, commit_message="longred: trained student"
+    )
+    return str(getattr(commit, "commit_url", commit))

@@ -46,7 +46,7 @@ from longred.train.data import (
     short_corpus_source,
     short_windows,
 )
-from longred.train.export import export_student
+from longred.train.export import export_student, push_to_hub
 from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
 from longred.train.parallel import Distributed, gradient_sync, parallelize
@@ -332,6 +332,9 @@ class Trainer:
                 self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out / "model"
             )
             self._export()
+            if self.config.push_to_hub:
+                url = push_to_hub(self.out / "model", repo_id=self.config.push_to_hub)
+                self.log(f"pushed the student to {url}")
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
