@@ -95,3 +95,13 @@ def test_quiet_and_tqdm_disable_turn_progress_off(monkeypatch, argv, env, expect
     parser_argv = [*argv, "demo", "--preset", "smoke"]
     main(parser_argv)
     assert seen["progress"] is expected
+
+
+@pytest.mark.parametrize("command", ["precompute", "train", "eval", "demo", "select-layers", "cache"])
+def test_help_has_examples_and_choices(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "examples:\n  longred " + command.split("-")[0] in out
+    if command == "train":
+        assert "{longred-c, longred-u, long-cpt, mix-cpt}" in " ".join(out.split())

@@ -148,6 +148,27 @@ def _teacher_install(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = {
+    "precompute": "longred precompute --out runs/cache.zarr --layers 2,10,11,12,13,final --short-len 128\n"
+    "longred precompute --config configs/precompute-llama3-8b.yaml  # torchrun --nproc-per-node 8 ... too",
+    "train": "longred train --config configs/tiny-cpu.yaml\n"
+    "longred train --config configs/llama3-8b-32k.yaml --report-to tensorboard --no-compile",
+    "eval": "longred eval --model runs/tiny-cpu/model --cache runs/tiny-cpu-cache.zarr --out runs/eval",
+    "demo": "longred demo --out runs/demo\nlongred demo --preset smoke --out runs/smoke",
+    "select-layers": "longred select-layers --rope abf:theta=2e7 --samples 8 --out runs/layers",
+    "cache": "longred cache info runs/cache.zarr\nlongred cache verify s3://bucket/cache.zarr",
+}
+"""Shown at the end of each command's --help."""
+
+
+def _examples(name: str) -> dict:
+    return {"epilog": "examples:\n  " + EXAMPLES[name].replace("\n", "\n  "), "formatter_class": _Formatter}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' lines as written."""
+
+
 CONFIG_COMMANDS = (
     ("precompute", "run the teacher once over the short corpus into a cache", _precompute),
     ("train", "extend the window and train the student from the cache", _train),
@@ -187,12 +208,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from longred.base.config import add_config_arguments
 
     for name, help_text, run in CONFIG_COMMANDS:
-        command = commands.add_parser(name, help=help_text)
+        command = commands.add_parser(name, help=help_text, **_examples(name))
         command.set_defaults(run=run)
         if configured is None or configured == name:  # a config class imports its stage: only when used
             add_config_arguments(command, _config_class(name))
 
-    demo = commands.add_parser("demo", help="the whole pipeline in miniature on the embedded teacher")
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline in miniature on the embedded teacher", **_examples("demo")
+    )
     demo.add_argument(
         "--preset",
         default="quick",
@@ -216,9 +239,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _add_cache_commands(commands) -> None:
-    cache = commands.add_parser("cache", help="inspect and check a teacher cache").add_subparsers(
-        dest="action", required=True
-    )
+    cache = commands.add_parser(
+        "cache", help="inspect and check a teacher cache", **_examples("cache")
+    ).add_subparsers(dest="action", required=True)
     info = cache.add_parser("info", help="fingerprint, kinds, layers, codec, bytes, shard status")
     info.add_argument("path", help="cache path or fsspec URL")
     info.add_argument("--json", action="store_true", help="print the full summary as JSON")
@@ -229,7 +252,9 @@ def _add_cache_commands(commands) -> None:
 
 
 def _add_select_layers_command(commands) -> None:
-    select = commands.add_parser("select-layers", help="rank layers by attention KL under the new RoPE")
+    select = commands.add_parser(
+        "select-layers", help="rank layers by attention KL under the new RoPE", **_examples("select-layers")
+    )
     select.add_argument("--teacher", default=None, help=TEACHER_HELP)
     select.add_argument(
         "--rope", required=True, help="RoPE spec, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4"

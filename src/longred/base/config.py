@@ -23,6 +23,7 @@ __all__ = [
     "check",
     "at_least",
     "comma_list",
+    "one_of",
     "add_config_arguments",
     "config_overrides",
 ]
@@ -88,6 +89,15 @@ def at_least(config: object, minimum: int, *names: str) -> list[str]:
     ]
 
 
+def one_of(config: object) -> list[str]:
+    """A problem for each field named in ``type(config).CHOICES`` whose value is not among its choices."""
+    return [
+        f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}"
+        for name, allowed in getattr(type(config), "CHOICES", {}).items()
+        if getattr(config, name) not in allowed
+    ]
+
+
 def comma_list(value: str | list | tuple) -> tuple[str, ...]:
     """``"a, b,c"`` or a list -> ``("a", "b", "c")``: stripped strings, empty items dropped."""
     items = value.split(",") if isinstance(value, str) else value
@@ -118,6 +128,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if default is None and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         doc = docs.get(f.name, "")
+        if f.name in getattr(cls, "CHOICES", {}):
+            doc = f"{doc} {{{', '.join(map(str, cls.CHOICES[f.name]))}}}"
         help_text = doc if "(default" in doc else f"{doc} (default: {default})"  # the doc may explain it
         if hint is bool:
             # --flag / --no-flag: a YAML's `true` can be turned off from the command line

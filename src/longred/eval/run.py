@@ -11,12 +11,12 @@ import itertools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AutoConfig
 
-from longred.base.config import at_least, check, comma_list
+from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.rope import RopeSpec, parse_rope_spec
 from longred.base.urls import check_urls
 from longred.corpus.documents import iter_documents
@@ -90,16 +90,18 @@ class EvalConfig:
     device: str | None = None
     """Where the models run; None = cuda when available, else cpu."""
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "teacher_mode": _TEACHER_MODES,
+        "long_packing": _PACKINGS,
+    }
+
     def __post_init__(self) -> None:
         if isinstance(self.passkey_lengths, str):
             self.passkey_lengths = [int(x) for x in comma_list(self.passkey_lengths)]
         problems = []
-        if self.teacher_mode not in _TEACHER_MODES:
-            problems.append(f"teacher_mode must be one of {list(_TEACHER_MODES)}, got {self.teacher_mode!r}")
-        elif self.teacher_mode == "offline" and self.cache is None:
+        problems += one_of(self)
+        if self.teacher_mode == "offline" and self.cache is None:
             problems.append("teacher_mode 'offline' needs a cache (the teacher's stored targets)")
-        if self.long_packing not in _PACKINGS:
-            problems.append(f"long_packing must be one of {list(_PACKINGS)}, got {self.long_packing!r}")
         problems += at_least(
             self,
             1,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
-from longred.base.config import at_least, check, comma_list
+from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.rope import RopeSpec, parse_rope_spec
 from longred.base.urls import check_urls
+from longred.corpus.windows import PACKINGS
 from longred.train.tracking import REPORT_TO
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
@@ -150,23 +152,21 @@ class TrainConfig:
     report_to: str = "none"
     """Experiment tracking: none, tensorboard (out/tensorboard), wandb, trackio or mlflow (extras)."""
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": METHODS,
+        "combine": ("weighted", "interleaved"),
+        "teacher_mode": ("offline", "online"),
+        "long_packing": PACKINGS,
+        "decay": ("constant", "cosine"),
+        "parallel": ("ddp", "fsdp"),
+        "dtype": ("float32", "bfloat16"),
+        "report_to": REPORT_TO,
+    }
+
     def __post_init__(self) -> None:
         if self.layers is not None:
             self.layers = list(comma_list(self.layers))
-        problems: list[str] = []
-        choices = {
-            "method": METHODS,
-            "combine": ("weighted", "interleaved"),
-            "teacher_mode": ("offline", "online"),
-            "long_packing": ("pack", "document"),
-            "decay": ("constant", "cosine"),
-            "parallel": ("ddp", "fsdp"),
-            "dtype": ("float32", "bfloat16"),
-            "report_to": REPORT_TO,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        problems = one_of(self)
         problems += at_least(
             self, 1, "steps", "long_samples", "long_batch", "short_batch", "s2l_batch", "chunk_tokens"
         )
