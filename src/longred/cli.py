@@ -81,6 +81,7 @@ def _precompute(args: argparse.Namespace) -> int:
         f"{summary['samples']} samples, {summary['tokens']} tokens in {summary['seconds']} s "
         f"({summary['tokens_per_s']} tok/s); {summary['shards_written']} shards written "
         f"({summary['bytes_written'] / 2**20:.1f} MiB), {summary['shards_skipped']} already complete"
+        + (f", {len(summary['shards_repaired'])} repaired" if summary["shards_repaired"] else "")
     )
     return 0
 
@@ -245,12 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that end as one `longred: error:` line: bad settings or inputs, the environment (files,
+    disk), a corrupt or foreign cache, a busy run folder, a diverged run. Anything else is a bug in
+    longred and keeps its traceback."""
+    from longred.storage import CacheCorruptionError, MissingShardError
+    from longred.train.run_folder import RunInUseError
+    from longred.train.student import StructureError
+    from longred.train.trainer import NonFiniteError
+
+    return (
+        ValueError,  # ConfigError, CacheMismatchError (fingerprints), bad data
+        OSError,  # FileNotFoundError, FileExistsError, disk full (the messages name the path)
+        CacheCorruptionError,
+        MissingShardError,
+        RunInUseError,
+        StructureError,
+        NonFiniteError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"longred: error: {err}", file=sys.stderr)
+    except expected_errors() as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"longred: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from longred.base.config import check
 from longred.base.rope import parse_rope_spec
@@ -25,7 +24,7 @@ from longred.eval.passkey import make_passkey_cases
 from longred.eval.report import write_report
 from longred.eval.short_text import load_short_texts, short_texts_from_corpus
 from longred.models.identity import fingerprint_differences
-from longred.models.loading import load_model, load_tokenizer, resolve_teacher
+from longred.models.loading import load_model, load_tokenizer, model_config, resolve_teacher
 from longred.storage import TeacherCache
 
 __all__ = ["EvalConfig", "run_eval"]
@@ -226,7 +225,7 @@ def _load_evaluated_model(config: EvalConfig, *, device: str) -> Any:
     """The model, with `config.rope` applied before it is built (abf's window: the longest length)."""
     window = config.max_position_embeddings
     if config.rope is not None and window is None and parse_rope_spec(config.rope).kind == "abf":
-        original = AutoConfig.from_pretrained(config.model).max_position_embeddings
+        original = model_config(config.model).max_position_embeddings
         window = max(original, config.long_len or original, *(config.passkey_lengths or ()))
     model = load_model(config.model, device=device, rope=config.rope, max_position_embeddings=window)
     return model.requires_grad_(False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
+import math
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longred.models.identity import fingerprint
-from longred.models.loading import load_tokenizer, resolve_teacher
+from longred.models.loading import check_trained_window, load_tokenizer, resolve_teacher
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
 from longred.ops.layers import check_layers
 from longred.storage import TeacherCache
@@ -48,6 +48,7 @@ from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
 from longred.train.parallel import Distributed, gradient_sync, parallelize
 from longred.train.positions import PositionSampler
+from longred.train.run_folder import RunLock, check_model_folder, publish_model
 from longred.train.schedule import STREAMS, LRSchedule, describe_weights, effective_weights, step_plan
 from longred.train.student import (
     build_optimizer,
@@ -57,9 +58,13 @@ from longred.train.student import (
     load_teacher,
 )
 
-__all__ = ["Trainer", "run_training"]
+__all__ = ["Trainer", "run_training", "NonFiniteError"]
 
 _POSITIONS = {"longred-c": "cream", "longred-u": "uniform", "mix-cpt": "identity", "long-cpt": "identity"}
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite; nothing of that step was applied or saved."""
 
 
 class Trainer:
@@ -70,12 +75,16 @@ class Trainer:
         self.out = Path(config.out)
         self.dist: Distributed | None = None
         self.streams: Streams | None = None
+        self.lock: RunLock | None = None
 
     # build -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
         self.dist = Distributed.setup(cfg.device)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0:  # one run per folder; then refuse a foreign model/ before any work
+            self.lock = RunLock(self.out)
+            check_model_folder(self.out)
         self.cache = TeacherCache(cfg.cache) if cfg.cache else None
         self.source = short_corpus_source(cfg) if cfg.short_corpus else None
         self.fingerprint = json.loads(json.dumps(self.cache.spec.to_attrs())) if self.cache else None
@@ -141,6 +150,9 @@ class Trainer:
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
         self.teacher = load_teacher(teacher_dir, device=self.dist.device) if online else None
+        if online and self.source is not None:  # texts cut here, not by precompute: check their lengths
+            lengths = {"short_len": self.source.short_len, "s2l_len": self.source.s2l_len}
+            check_trained_window(lengths, self.teacher.config)
         self.layers = self._distilled_layers()
         if cfg.distils:  # without a cache, distillation is online: the teacher is loaded
             size = self.cache.spec.hidden_size if self.cache is not None else self.teacher.config.hidden_size
@@ -274,11 +286,14 @@ class Trainer:
                 (loss * micro.weight).backward()
             losses.append(loss.detach())  # read once per step: .item() here would sync the GPU per micro-step
             tokens += batch.input_ids_BT.numel()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        values = torch.stack(losses).tolist()  # the step's one host sync, before anything is applied
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        self._check_finite(values, float(grad_norm), lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        values = torch.stack(losses).tolist()
         total = sum(micro.weight * value for micro, value in zip(self.plan, values, strict=True))
         per_stream = {
             s: [v for m, v in zip(self.plan, values, strict=True) if m.stream == s] for s in STREAMS
@@ -288,6 +303,23 @@ class Trainer:
         self.tokens += tokens * self.dist.world_size
         terms = {f"loss_{s}": (means[i + 1] if per_stream[s] else None) for i, s in enumerate(STREAMS)}
         return {"step": self.step, "loss": means[0], **terms, "lr": lr, "tokens": self.tokens}
+
+    def _check_finite(self, values: list[float], grad_norm: float, lr: float) -> None:
+        """Stop before a non-finite loss or gradient (on any rank) reaches the weights.
+
+        Raises:
+            NonFiniteError: naming the step, the losses, the gradient norm and the last good checkpoint.
+        """
+        bad = not all(math.isfinite(v) for v in values) or not math.isfinite(grad_norm)
+        if not self.dist.mean([float(bad)])[0]:
+            return
+        latest = latest_checkpoint(self.out)
+        streams = ", ".join(f"{m.stream}={v:.4g}" for m, v in zip(self.plan, values, strict=True))
+        raise NonFiniteError(
+            f"step {self.step + 1}: non-finite loss or gradient (losses {streams}; gradient norm "
+            f"{grad_norm:.4g} on rank {self.dist.rank}); the step was not applied. Last good checkpoint: "
+            f"{latest or 'none'}. Lower lr (now {lr:.3g}) or check the data, then rerun."
+        )
 
     def train(self) -> dict:
         """Run the remaining steps, checkpointing every `save_every` and at the end; returns the summary."""
@@ -315,10 +347,7 @@ class Trainer:
         bar.close()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
-            shutil.rmtree(self.out / "model", ignore_errors=True)
-            shutil.copytree(
-                self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out / "model"
-            )
+            publish_model(self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out)
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
@@ -336,7 +365,17 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """Write out/checkpoints/step-N (collective: every rank calls it)."""
+        """Write out/checkpoints/step-N (collective: every rank calls it); never non-finite weights."""
+        bad = [
+            name
+            for name, p in self.student.named_parameters()
+            if not torch.isfinite(getattr(p, "to_local", p.detach)()).all()
+        ]
+        if self.dist.mean([float(bool(bad))])[0]:
+            raise NonFiniteError(
+                f"step {self.step}: non-finite weights ({', '.join(bad[:3]) or 'on another rank'}); not saved. "
+                f"Last good checkpoint: {latest_checkpoint(self.out) or 'none'}. Lower lr, then rerun."
+            )
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -363,6 +402,8 @@ class Trainer:
             self.streams.close()
         if self.dist is not None:
             self.dist.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def run_training(config: TrainConfig, *, progress: bool = True) -> dict:
