@@ -21,6 +21,7 @@ from longred.storage import (
     CacheCorruptionError,
     CacheMismatchError,
     CacheWriter,
+    TargetStream,
     TeacherCache,
     cache_info,
     verify_cache,
@@ -42,7 +43,8 @@ def edit_attrs(cache: Path, change) -> None:
 
 # 1. a record whose objects are missing or short ---------------------------------------------------------
 @pytest.mark.parametrize(
-    "kind, obj", [("short", "input_ids/c/0/0"), ("short", "hidden_scale/1/c/0/0"), ("s2l", "hidden/final/c/0/0/0")]
+    "kind, obj",
+    [("short", "input_ids/c/0/0"), ("short", "hidden_scale/1/c/0/0"), ("s2l", "hidden/final/c/0/0/0")],
 )
 @pytest.mark.parametrize("fault", ["missing", "truncated"])
 def test_a_missing_or_short_object_is_refused_not_read_as_zeros(cache, kind, obj, fault):
@@ -59,7 +61,7 @@ def test_a_missing_or_short_object_is_refused_not_read_as_zeros(cache, kind, obj
     with pytest.raises(CacheCorruptionError, match=expected):
         reader.read_sample(kind, 1)
     with pytest.raises(CacheCorruptionError, match=expected):
-        list(reader.stream(kind, shuffle=False, include_heldout=True))
+        list(TargetStream(reader, kind, shuffle=False, include_heldout=True))
     reader.read_shard(kind, 1)  # the other shards stay readable
     assert [(p.kind, p.shard, p.array) for p in verify_cache(str(cache))] == [(kind, 0, array)]
 
@@ -67,20 +69,26 @@ def test_a_missing_or_short_object_is_refused_not_read_as_zeros(cache, kind, obj
 # 3. records carry the cache's identity; writers re-check it; overwrite waits for nobody ---------------
 def test_a_record_from_another_cache_is_refused(tmp_path, cache):
     other = tmp_path / "other.zarr"
-    write_cache(str(other), tiny_spec("int8", teacher={"name": "t2", "config_sha256": "c", "weights_sha256": "w"}))
+    write_cache(
+        str(other), tiny_spec("int8", teacher={"name": "t2", "config_sha256": "c", "weights_sha256": "w"})
+    )
     shutil.copy(other / "_complete/short/000001.json", cache / "_complete/short/000001.json")
     shutil.rmtree(cache / "short/input_ids/c/1")
     shutil.copytree(other / "short/input_ids/c/1", cache / "short/input_ids/c/1")
     with pytest.raises(CacheCorruptionError, match="short shard 1: record made for another cache"):
         TeacherCache(str(cache)).read_shard("short", 1)
-    assert [(p.shard, p.message[:29]) for p in verify_cache(str(cache))] == [(1, "record made for another cache")]
+    assert [(p.shard, p.message[:29]) for p in verify_cache(str(cache))] == [
+        (1, "record made for another cache")
+    ]
 
 
 def test_overwrite_is_refused_while_another_writer_holds_the_cache(tmp_path):
     url, other = str(tmp_path / "c.zarr"), tiny_spec("int8", top_k=3)
     with CacheWriter(url, tiny_spec("int8"), write_threads=1) as first:
         first.add("short", **targets_for(first.spec, "short", [0, 1, 2, 3]))
-        with pytest.raises(CacheMismatchError, match=r"is being written by pid \d+ on .*refusing to overwrite"):
+        with pytest.raises(
+            CacheMismatchError, match=r"is being written by pid \d+ on .*refusing to overwrite"
+        ):
             CacheWriter(url, other, overwrite=True)
     assert TeacherCache(url).spec.top_k == 4 and verify_cache(url)[0].shard == 1  # shard 0 intact
     with CacheWriter(url, other, overwrite=True):  # the first writer is done: overwrite may proceed
@@ -90,7 +98,10 @@ def test_overwrite_is_refused_while_another_writer_holds_the_cache(tmp_path):
 
 def test_a_writer_whose_cache_was_replaced_records_nothing(tmp_path):
     """The lock bypassed (a writer record lost): the identity check before each record still holds."""
-    url, t2 = str(tmp_path / "c.zarr"), tiny_spec("int8", teacher={"name": "t2", "config_sha256": "c", "weights_sha256": "w"})
+    url, t2 = (
+        str(tmp_path / "c.zarr"),
+        tiny_spec("int8", teacher={"name": "t2", "config_sha256": "c", "weights_sha256": "w"}),
+    )
     stale = CacheWriter(url, tiny_spec("int8"), write_threads=1)
     shutil.rmtree(tmp_path / "c.zarr/_writers")
     write_cache(url, t2, overwrite=True)  # the cache is replaced under the running writer
@@ -154,7 +165,9 @@ def test_missing_array_and_edited_attributes_are_named(cache):
         TeacherCache(str(cache))
     shutil.rmtree(cache / "s2l")
     edit_attrs(cache, lambda a: (a.update(top_k=3), a["kinds"].pop("s2l")))
-    with pytest.raises(CacheCorruptionError, match=r"short/topk_ids: shape, dtype, shards \(\(10, 12, 4\).*\(10, 12, 3\)"):
+    with pytest.raises(
+        CacheCorruptionError, match=r"short/topk_ids: shape, dtype, shards \(\(10, 12, 4\).*\(10, 12, 3\)"
+    ):
         TeacherCache(str(cache))
 
 
@@ -196,7 +209,9 @@ def test_disk_full_names_the_cache_and_shard_then_a_rerun_completes(monkeypatch)
     fsspec.register_implementation("smallmem", SmallMemoryFileSystem, clobber=True)
     monkeypatch.setattr(SmallMemoryFileSystem, "store", {})
     url = "smallmem://full.zarr"
-    with pytest.raises(OSError, match=r"smallmem://full.zarr: writing (short|s2l) shard \d failed: No space") as err:
+    with pytest.raises(
+        OSError, match=r"smallmem://full.zarr: writing (short|s2l) shard \d failed: No space"
+    ) as err:
         write_cache(url, tiny_spec())
     assert err.value.errno == errno.ENOSPC
     assert TeacherCache(url).missing_shards("short")  # some shards did not fit

@@ -251,9 +251,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     disk), a corrupt or foreign cache, a busy run folder, a diverged run. Anything else is a bug in
     longred and keeps its traceback."""
     from longred.storage import CacheCorruptionError, MissingShardError
+    from longred.train.guards import NonFiniteError
     from longred.train.run_folder import RunInUseError
     from longred.train.student import StructureError
-    from longred.train.trainer import NonFiniteError
 
     return (
         ValueError,  # ConfigError, CacheMismatchError (fingerprints), bad data

@@ -9,10 +9,7 @@ is CRC32C (hardware-accelerated, several GB/s) of each stored shard object, as w
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -28,8 +25,6 @@ CACHE_ENTRIES = frozenset({"zarr.json", "short", "s2l", "_complete", "_writers"}
 """Every name a cache's root folder may hold: all that ``--overwrite`` ever deletes."""
 _RECORD_NAME = re.compile(r"^\d{6}\.json$")
 _MAX_RECORD_BYTES = 1 << 20
-WRITER_STALE_S = 900
-"""A writer record on another host counts as live for this long after its last update."""
 
 
 def shard_key(array: ArraySpec, shard: int) -> str:
@@ -181,7 +176,11 @@ class CacheLocation:
             return [ShardProblem(kind, shard, None, str(err))]
         if record.get("cache") != cache:
             found = record.get("cache")
-            return [ShardProblem(kind, shard, None, f"record made for another cache ({found!r:.20}), not {cache[:16]}")]
+            return [
+                ShardProblem(
+                    kind, shard, None, f"record made for another cache ({found!r:.20}), not {cache[:16]}"
+                )
+            ]
         problems = []
         for array in arrays:
             entry, key = record["arrays"].get(array.path), shard_key(array, shard)
@@ -212,49 +211,3 @@ class CacheLocation:
                 f"found crc32c {google_crc32c.value(data)}"
             )
         return None
-
-    # writers -----------------------------------------------------------------------------------------
-    def register_writer(self) -> str:
-        """Announce a writer (``_writers/<id>.json``: host, pid, last update); returns its key."""
-        key = f"_writers/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        self.touch_writer(key)
-        return key
-
-    def touch_writer(self, key: str) -> None:
-        self.write_json(key, {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.time()})
-
-    def unregister_writer(self, key: str) -> None:
-        try:
-            self.fs.rm(self._path(key))
-        except FileNotFoundError:
-            pass
-
-    def live_writers(self, *, besides: str | None = None) -> list[str]:
-        """Writers still at work: on this host, by their pid; elsewhere, updated in the last 15 minutes."""
-        folder = self._path("_writers")
-        if not self.fs.exists(folder):
-            return []
-        live = []
-        for path in self.fs.ls(folder, detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if f"_writers/{name}" == besides or not name.endswith(".json"):
-                continue
-            try:
-                info = json.loads(self.fs.cat_file(path))
-                host, pid, updated = info["host"], int(info["pid"]), float(info["updated"])
-            except (FileNotFoundError, ValueError, KeyError, TypeError):
-                continue
-            alive = _pid_alive(pid) if host == socket.gethostname() else time.time() - updated < WRITER_STALE_S
-            if alive:
-                live.append(f"pid {pid} on {host}")
-        return live
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

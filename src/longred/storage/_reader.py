@@ -101,7 +101,8 @@ class TeacherCache:
         problems = self.array_problems() if check_arrays else []
         if problems:
             raise CacheCorruptionError(
-                f"{self.url}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                f"{self.url}: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                 + f". Run `longred cache verify {self.url}`."
             )
 
@@ -192,7 +193,7 @@ class TeacherCache:
             raise CacheCorruptionError(
                 f"{self.url}: {problems[0]}"
                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                + f". Rerun precompute to rewrite it; `longred cache verify {self.url}` lists every bad shard."
+                + f". Rerun precompute to rewrite it; `longred cache verify {self.url}` lists all bad shards."
             )
         self._checked[(kind, shard)] = checksums
 

@@ -17,7 +17,16 @@ from longred.base.layers import LAYER_NUMBERING, layer_name
 
 from ._codecs import get_codec
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "KindSpec", "CacheSpec", "ArraySpec", "open_spec", "read_attrs"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "KINDS",
+    "KindSpec",
+    "CacheSpec",
+    "ArraySpec",
+    "open_spec",
+    "read_attrs",
+]
 
 FORMAT = "longred-teacher-cache"
 FORMAT_VERSION = 1

@@ -59,7 +59,9 @@ def verify_cache(url: str) -> list[ShardProblem]:
         arrays = cache.spec.arrays(kind)
         num_shards = cache.spec.num_shards(kind)
         problems += [
-            ShardProblem(kind, -1, None, f"_complete/{kind}/{name} is not a record of one of its {num_shards} shards")
+            ShardProblem(
+                kind, -1, None, f"_complete/{kind}/{name} is not a record of one of its {num_shards} shards"
+            )
             for name in cache.location.stray_records(kind, num_shards)
         ]
         complete = set(cache.complete_shards(kind))

@@ -24,14 +24,18 @@ from zarr.errors import ContainsArrayError
 from longred.base.version import __version__
 
 from ._codecs import HiddenCodec, get_codec
-from ._integrity import CACHE_ENTRIES, CacheLocation, ShardProblem
-from ._spec import FORMAT, FORMAT_VERSION, ArraySpec, CacheSpec, open_spec, read_attrs
+from ._integrity import CacheLocation, ShardProblem
+from ._ownership import (
+    CacheMismatchError,
+    WriterRecord,
+    check_identity,
+    check_replaceable,
+    differences,
+    wait_for,
+)
+from ._spec import FORMAT, FORMAT_VERSION, ArraySpec, CacheSpec, open_spec
 
 __all__ = ["CacheWriter", "CacheMismatchError"]
-
-
-class CacheMismatchError(ValueError):
-    """An existing cache was made from other inputs (teacher, corpus, targets, layout)."""
 
 
 @dataclass
@@ -75,8 +79,9 @@ class CacheWriter:
         self.spec = spec
         self.identity = spec.fingerprint_sha256()
         self.codec: HiddenCodec = get_codec(spec.codec)
-        self._writer_key: str | None = None
-        self._wait_for_replacement(wait_s, overwrite)
+        self._writer: WriterRecord | None = None
+        if wait_s > 0 and not overwrite:
+            wait_for(self.location, spec, wait_s)
         self._open_or_create(overwrite)
         self._arrays = {kind: spec.arrays(kind) for kind in spec.kinds}
         self._zarr = {a.path: self._group[a.path] for arrays in self._arrays.values() for a in arrays}
@@ -94,7 +99,7 @@ class CacheWriter:
     # creation / resume -------------------------------------------------------------------------------
     def _open_or_create(self, overwrite: bool) -> None:
         if self.location.exists():
-            diff = self._differences()
+            diff = differences(self.location, self.spec)
             if diff and not overwrite:
                 raise CacheMismatchError(
                     f"{self.location.url} holds a cache made from other inputs; differing fields: "
@@ -102,13 +107,13 @@ class CacheWriter:
                     "it."
                 )
             if diff:
-                self._check_replaceable()
+                check_replaceable(self.location)
                 self.location.remove_cache()
         elif self._holds_other_data():
             raise CacheMismatchError(
                 f"{self.location.url} exists, is not empty and is not a cache; choose a new path."
             )
-        self._writer_key = self.location.register_writer()
+        self._writer = WriterRecord(self.location)  # before any write: an overwrite now waits for us
         try:
             self._create()
         except BaseException:
@@ -135,72 +140,10 @@ class CacheWriter:
             for array in self.spec.arrays(kind):
                 self._create_array(array)
 
-    def _differences(self) -> list[str]:
-        """Fingerprint fields in which the existing cache differs (["format"] when unreadable).
-
-        Raises:
-            CacheMismatchError: the store is not a longred cache (its format attribute says otherwise).
-        """
-        try:
-            attrs = read_attrs(self.location)
-        except ValueError as err:
-            raise CacheMismatchError(f"{err} Refusing to write there; choose a new path.") from err
-        if attrs.get("format") != FORMAT:
-            raise CacheMismatchError(
-                f"{self.location.url} holds a zarr store that is not a longred cache "
-                f"(format={attrs.get('format')!r}); refusing to write or delete there. Choose a new path."
-            )
-        try:
-            return open_spec(self.location, attrs).differences(self.spec)
-        except ValueError:
-            return ["format"]
-
-    def _check_replaceable(self) -> None:
-        """Overwrite deletes only a longred cache's own entries, and never while another writer works."""
-        foreign = [n for n in self.location.entries() if n not in CACHE_ENTRIES]
-        if foreign:
-            raise CacheMismatchError(
-                f"{self.location.url} also holds {foreign[:5]}, which are not part of a cache; refusing to "
-                "overwrite. Move them away or choose a new path."
-            )
-        live = self.location.live_writers()
-        if live:
-            raise CacheMismatchError(
-                f"{self.location.url} is being written by {', '.join(live)} (see its _writers/); refusing "
-                "to overwrite it now. Wait for that writer to finish or stop it, then rerun."
-            )
-
-    def _wait_for_replacement(self, wait_s: float, overwrite: bool) -> None:
-        """Poll until a cache with this spec is at the path or ``wait_s`` passes (then the usual checks)."""
-        deadline = time.monotonic() + wait_s
-        while not overwrite and time.monotonic() < deadline:
-            try:
-                if self.location.exists() and not self._differences():
-                    return
-            except CacheMismatchError:
-                return  # not a cache: _open_or_create refuses it by name
-            time.sleep(0.2)
-
     def _holds_other_data(self) -> bool:
         """A non-cache folder at the path. zarr's in-flight ``*.partial`` files (a concurrent writer
         creating the same cache) and writer records do not count."""
         return any(n != "_writers" for n in self.location.entries())
-
-    def _check_identity(self) -> None:
-        """Before publishing a record: the cache at the path must still be this writer's.
-
-        Raises:
-            CacheMismatchError: the cache was replaced (another writer's --overwrite) while writing.
-        """
-        try:
-            current = open_spec(self.location).fingerprint_sha256()
-        except (ValueError, FileNotFoundError):
-            current = None
-        if current != self.identity:
-            raise CacheMismatchError(
-                f"{self.location.url} was replaced by another writer while this one was writing; nothing "
-                "more is recorded. Rerun the command that should own this path."
-            )
 
     def _create_array(self, array: ArraySpec) -> None:
         per_sample = array.shape[1:]
@@ -319,9 +262,8 @@ class CacheWriter:
             self._release()
 
     def _release(self) -> None:
-        if self._writer_key is not None:
-            self.location.unregister_writer(self._writer_key)
-            self._writer_key = None
+        if self._writer is not None:
+            self._writer.remove()
 
     # internals ---------------------------------------------------------------------------------------
     def _buffer(self, kind: str, shard: int, sample: int) -> _ShardBuffer:
@@ -346,10 +288,9 @@ class CacheWriter:
             for array in self._arrays[kind]:
                 self._zarr[array.path][ids.start : ids.stop] = buffer.arrays[array.path]
             record = self.location.checksum_record(kind, shard, self._arrays[kind], ids, cache=self.identity)
-            self._check_identity()
+            check_identity(self.location, self.identity)
             self.location.write_json(CacheLocation.record_key(kind, shard), record)
-            if self._writer_key is not None:
-                self.location.touch_writer(self._writer_key)
+            self._writer.touch()
         except OSError as err:  # disk full, permissions, network: name the place
             raise OSError(
                 err.errno, f"{self.location.url}: writing {kind} shard {shard} failed: {err.strerror or err}"

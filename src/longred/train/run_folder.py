@@ -16,6 +16,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from longred.base.io import atomic_write_json
+
 __all__ = ["RunLock", "RunInUseError", "publish_model", "check_model_folder"]
 
 _MANIFEST = "model.json"
@@ -69,7 +71,11 @@ def check_model_folder(out: Path) -> None:
     if not target.exists():
         return
     ours = set(json.loads(manifest.read_text())["files"]) if manifest.is_file() else set()
-    foreign = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) if target.is_dir() else ["."]
+    foreign = (
+        sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+        if target.is_dir()
+        else ["."]
+    )
     foreign = [name for name in foreign if name not in ours]
     if foreign:
         raise FileExistsError(
@@ -87,14 +93,11 @@ def publish_model(source: Path, out: Path) -> Path:
     shutil.copytree(source, scratch)
     files = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file())
     previous = json.loads((out / _MANIFEST).read_text())["files"] if (out / _MANIFEST).is_file() else []
-    manifest = out / f".{_MANIFEST}.tmp"
-    manifest.write_text(json.dumps({"files": sorted(set(files) | set(previous))}))
-    manifest.replace(out / _MANIFEST)  # lists old and new names until the swap is done
+    atomic_write_json(out / _MANIFEST, {"files": sorted(set(files) | set(previous))})  # until the swap
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
     scratch.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-    manifest.write_text(json.dumps({"files": files}))
-    manifest.replace(out / _MANIFEST)
+    atomic_write_json(out / _MANIFEST, {"files": files})
     return target

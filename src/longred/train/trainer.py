@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from longred.train.data import (
     short_corpus_source,
     short_windows,
 )
+from longred.train.guards import check_finite_step, check_finite_weights
 from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
 from longred.train.parallel import Distributed, gradient_sync, parallelize
@@ -58,13 +58,9 @@ from longred.train.student import (
     load_teacher,
 )
 
-__all__ = ["Trainer", "run_training", "NonFiniteError"]
+__all__ = ["Trainer", "run_training"]
 
 _POSITIONS = {"longred-c": "cream", "longred-u": "uniform", "mix-cpt": "identity", "long-cpt": "identity"}
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or infinite; nothing of that step was applied or saved."""
 
 
 class Trainer:
@@ -287,11 +283,9 @@ class Trainer:
             losses.append(loss.detach())  # read once per step: .item() here would sync the GPU per micro-step
             tokens += batch.input_ids_BT.numel()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # inf: measures only
         values = torch.stack(losses).tolist()  # the step's one host sync, before anything is applied
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        self._check_finite(values, float(grad_norm), lr)
+        check_finite_step(self, values=values, grad_norm=grad_norm, lr=lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         total = sum(micro.weight * value for micro, value in zip(self.plan, values, strict=True))
@@ -303,23 +297,6 @@ class Trainer:
         self.tokens += tokens * self.dist.world_size
         terms = {f"loss_{s}": (means[i + 1] if per_stream[s] else None) for i, s in enumerate(STREAMS)}
         return {"step": self.step, "loss": means[0], **terms, "lr": lr, "tokens": self.tokens}
-
-    def _check_finite(self, values: list[float], grad_norm: float, lr: float) -> None:
-        """Stop before a non-finite loss or gradient (on any rank) reaches the weights.
-
-        Raises:
-            NonFiniteError: naming the step, the losses, the gradient norm and the last good checkpoint.
-        """
-        bad = not all(math.isfinite(v) for v in values) or not math.isfinite(grad_norm)
-        if not self.dist.mean([float(bad)])[0]:
-            return
-        latest = latest_checkpoint(self.out)
-        streams = ", ".join(f"{m.stream}={v:.4g}" for m, v in zip(self.plan, values, strict=True))
-        raise NonFiniteError(
-            f"step {self.step + 1}: non-finite loss or gradient (losses {streams}; gradient norm "
-            f"{grad_norm:.4g} on rank {self.dist.rank}); the step was not applied. Last good checkpoint: "
-            f"{latest or 'none'}. Lower lr (now {lr:.3g}) or check the data, then rerun."
-        )
 
     def train(self) -> dict:
         """Run the remaining steps, checkpointing every `save_every` and at the end; returns the summary."""
@@ -366,16 +343,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write out/checkpoints/step-N (collective: every rank calls it); never non-finite weights."""
-        bad = [
-            name
-            for name, p in self.student.named_parameters()
-            if not torch.isfinite(getattr(p, "to_local", p.detach)()).all()
-        ]
-        if self.dist.mean([float(bool(bad))])[0]:
-            raise NonFiniteError(
-                f"step {self.step}: non-finite weights ({', '.join(bad[:3]) or 'on another rank'}); not saved. "
-                f"Last good checkpoint: {latest_checkpoint(self.out) or 'none'}. Lower lr, then rerun."
-            )
+        check_finite_weights(self)
         state = {
             "step": self.step,
             "tokens": self.tokens,
