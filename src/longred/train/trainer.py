@@ -302,26 +302,25 @@ class Trainer:
         """Run the remaining steps, checkpointing every `save_every` and at the end; returns the summary."""
         cfg = self.config
         quiet = not self.progress or self.dist.rank != 0
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=quiet)
         step_times = []
-        while self.step < cfg.steps:
-            start = time.perf_counter()
-            record = self.train_step()
-            step_times.append(time.perf_counter() - start)
-            self.time_s += step_times[-1]
-            record["time_s"] = round(self.time_s, 4)
-            if self.metrics is not None:
-                self.metrics.write(record)
-            terms = {
-                k.removeprefix("loss_"): f"{v:.4g}"
-                for k, v in record.items()
-                if k[:4] == "loss" and v is not None
-            }
-            bar.update(1)
-            bar.set_postfix(terms | {"tok/s": f"{self.tokens / self.time_s:.0f}"})
-            if self.step == cfg.steps or (cfg.save_every and self.step % cfg.save_every == 0):
-                self.save_checkpoint()
-        bar.close()
+        with tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=quiet) as bar:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                step_times.append(time.perf_counter() - start)
+                self.time_s += step_times[-1]
+                record["time_s"] = round(self.time_s, 4)
+                if self.metrics is not None:
+                    self.metrics.write(record)
+                terms = {
+                    k.removeprefix("loss_"): f"{v:.4g}"
+                    for k, v in record.items()
+                    if k[:4] == "loss" and v is not None
+                }
+                bar.update(1)
+                bar.set_postfix(terms | {"tok/s": f"{self.tokens / self.time_s:.0f}"})
+                if self.step == cfg.steps or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save_checkpoint()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
             publish_model(self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out)
