@@ -123,8 +123,8 @@ def wait_for(location: CacheLocation, spec: CacheSpec, wait_s: float) -> None:
         try:
             if location.exists() and not differences(location, spec):
                 return
-        except CacheMismatchError:
-            return  # not a cache: the caller refuses it by name
+        except (CacheMismatchError, OSError):
+            pass  # being deleted or half-written by rank 0: look again
         time.sleep(0.2)
 
 
