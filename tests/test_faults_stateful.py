@@ -7,7 +7,6 @@ cache's inputs), and every other shard is refused by name, never read as fill va
 """
 
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 

@@ -12,6 +12,7 @@ small JSON read and write per shard.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ __all__ = [
     "check_identity",
 ]
 
+_log = logging.getLogger(__name__)
 WRITER_STALE_S = 900
 """A writer record from another host counts as live for this long after its last update."""
 
@@ -118,13 +120,18 @@ def check_replaceable(location: CacheLocation) -> None:
 def wait_for(location: CacheLocation, spec: CacheSpec, wait_s: float) -> None:
     """Poll until a cache with ``spec`` is at ``location`` or ``wait_s`` passes (torchrun ranks > 0 while
     rank 0 replaces an old cache); the caller's usual checks follow either way."""
-    deadline = time.monotonic() + wait_s
+    deadline, said = time.monotonic() + wait_s, False
     while time.monotonic() < deadline:
         try:
             if location.exists() and not differences(location, spec):
                 return
         except (CacheMismatchError, OSError):
             pass  # being deleted or half-written by rank 0: look again
+        if not said:  # stderr, once (logging's last-resort handler shows warnings without any set-up)
+            _log.warning(
+                f"{location.url}: waiting up to {wait_s:.0f} s for the writer given --overwrite to replace it"
+            )
+            said = True
         time.sleep(0.2)
 
 
