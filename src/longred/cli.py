@@ -89,6 +89,7 @@ def _precompute(args: argparse.Namespace) -> int:
         f"{summary['samples']} samples, {summary['tokens']} tokens in {summary['seconds']} s "
         f"({summary['tokens_per_s']} tok/s); {summary['shards_written']} shards written "
         f"({summary['bytes_written'] / 2**20:.1f} MiB), {summary['shards_skipped']} already complete"
+        + (f", {len(summary['shards_repaired'])} repaired" if summary["shards_repaired"] else "")
     )
     return 0
 
@@ -314,12 +315,23 @@ def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
     return found
 
 
-def _expected(err: BaseException) -> bool:
-    """Failures a user fixes by changing an input: shown as one line, not a traceback."""
-    if isinstance(err, (FileNotFoundError, NotADirectoryError, PermissionError, ValueError)):
-        return True
-    storage = sys.modules.get("longred.storage")  # loaded whenever one of its errors was raised
-    return storage is not None and isinstance(err, (storage.CacheCorruptionError, storage.MissingShardError))
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that end as one `longred: error:` line: bad settings or inputs, the environment (files,
+    disk), a corrupt or foreign cache, a busy run folder, a diverged run. Anything else is a bug in
+    longred and keeps its traceback."""
+    found: list[type[BaseException]] = [ValueError, OSError]  # ConfigError, fingerprints; files, disk full
+    for module, names in _EXPECTED:
+        loaded = sys.modules.get(module)  # loaded whenever one of its errors was raised
+        found += [getattr(loaded, name) for name in names] if loaded else []
+    return tuple(found)
+
+
+_EXPECTED = (
+    ("longred.storage", ("CacheCorruptionError", "MissingShardError")),
+    ("longred.train.guards", ("NonFiniteError",)),
+    ("longred.train.run_folder", ("RunInUseError",)),
+    ("longred.train.student", ("StructureError",)),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,10 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     args.progress = progress_enabled(quiet=args.quiet)
     try:
         return args.run(args)
-    except Exception as err:
-        if not _expected(err):
-            raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except expected_errors() as err:
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError quotes
+        message = " ".join(str(text).split()) or type(err).__name__
         print(f"longred: error: {message}", file=sys.stderr)
         return 2
 

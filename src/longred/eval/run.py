@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoConfig
 
 from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.rope import RopeSpec, parse_rope_spec
@@ -26,7 +25,7 @@ from longred.eval.passkey import make_passkey_cases
 from longred.eval.report import write_report
 from longred.eval.short_text import load_short_texts, short_texts_from_corpus
 from longred.models.identity import fingerprint_differences
-from longred.models.loading import load_model, load_tokenizer, resolve_model, resolve_teacher
+from longred.models.loading import load_model, load_tokenizer, model_config, resolve_model, resolve_teacher
 from longred.storage import TeacherCache
 
 __all__ = ["EvalConfig", "run_eval"]
@@ -232,7 +231,7 @@ def _load_evaluated_model(config: EvalConfig, *, device: str) -> Any:
     folder = resolve_model(config.model)
     window = config.max_position_embeddings
     if config.rope is not None and window is None and config.rope.kind == "abf":
-        original = AutoConfig.from_pretrained(folder).max_position_embeddings
+        original = model_config(folder).max_position_embeddings
         window = max(original, config.long_len or original, *(config.passkey_lengths or ()))
     model = load_model(folder, device=device, rope=config.rope, max_position_embeddings=window)
     return model.requires_grad_(False)
