@@ -212,7 +212,9 @@ class TeacherCache:
                 hidden[layer] = StoredHidden(self.codec, {n: _as_tensor(a) for n, a in arrays.items()})
         topk = "topk" in fields
         decoded = form == "decoded"
-        convert = (lambda a, dtype: torch.from_numpy(a.astype(dtype))) if decoded else (lambda a, _: _as_tensor(a))
+        convert = (
+            (lambda a, dtype: torch.from_numpy(a.astype(dtype))) if decoded else (lambda a, _: _as_tensor(a))
+        )
         return Targets(
             sample_ids=torch.arange(ids.start, ids.stop),
             input_ids=_long(raw[f"{kind}/input_ids"]) if "input_ids" in fields else None,
@@ -228,14 +230,15 @@ class TeacherCache:
             shard, offset = divmod(rows.start, self.spec.shard_samples)
             layout = self._layout(array) if offset == 0 and rows.stop - rows.start > 1 else None
             if layout is not None:  # a whole shard: one object read, no per-chunk zarr overhead
-                return layout.decode(self.location.read_bytes(shard_key(array, shard)), rows.stop - rows.start)
+                return layout.decode(
+                    self.location.read_bytes(shard_key(array, shard)), rows.stop - rows.start
+                )
             return self._group[array.path][rows]
         except Exception as err:  # zarr/numcodecs raise assorted types for undecodable bytes
             raise CacheCorruptionError(
                 f"{self.url}: cannot decode {kind} {where}, array {array.path}: {type(err).__name__}: {err}. "
                 f"Run `longred cache verify {self.url}` to list every bad shard."
             ) from err
-
 
     def _layout(self, array: ArraySpec) -> ShardLayout | None:
         if array.path not in self._layouts:

@@ -45,7 +45,9 @@ class ShardLayout:
         index = blob[-index_size - 4 : -4]
         stored = int.from_bytes(blob[-4:], "little")
         if google_crc32c.value(index) != stored:
-            raise ValueError(f"shard index crc32c mismatch (stored {stored}, computed {google_crc32c.value(index)})")
+            raise ValueError(
+                f"shard index crc32c mismatch (stored {stored}, computed {google_crc32c.value(index)})"
+            )
         offsets = np.frombuffer(index, dtype="<u8").reshape(self.chunks_per_shard, 2)
         out = np.empty((rows, *self.chunk_shape[1:]), dtype=self.dtype)
         zstd = numcodecs.Zstd()

@@ -32,7 +32,7 @@ __all__ = [
 FORMAT = "longred-teacher-cache"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-"""Version 2 added the kinds' ``topk`` and ``position_*`` fields; a version-1 cache reads as their defaults."""
+"""Version 2 added the kinds' ``topk`` and ``position_*`` fields; version 1 caches read as their defaults."""
 KINDS = ("short", "s2l")
 TOPK_SAMPLES = ("all", "heldout", "none")
 POSITION_SAMPLING = ("strided", "random")
@@ -97,7 +97,11 @@ class KindSpec:
     @property
     def kept_length(self) -> int:
         """Positions stored per training sample: round(length * position_fraction), at least 1."""
-        return self.length if self.position_fraction >= 1.0 else max(1, round(self.length * self.position_fraction))
+        return (
+            self.length
+            if self.position_fraction >= 1.0
+            else max(1, round(self.length * self.position_fraction))
+        )
 
     def kept_positions(self, sample_id: int) -> np.ndarray | None:
         """The sorted token positions (int64 (kept_length,)) whose hidden states sample ``sample_id`` stores;

@@ -23,6 +23,9 @@ def cache_info(url: str) -> dict:
             "num_samples": ks.num_samples,
             "heldout_samples": len(ks.heldout),
             "layers": list(ks.layers),
+            "topk": ks.topk,
+            "position_fraction": ks.position_fraction,
+            "position_sampling": ks.position_sampling,
             "shards": spec.num_shards(kind),
             "complete_shards": len(complete),
             "missing_shards": cache.missing_shards(kind),
@@ -77,8 +80,12 @@ def verify_cache(url: str) -> list[ShardProblem]:
             problems += found
             if found:
                 continue
-            try:
-                targets = cache.read_shard(kind, shard)
+            ks = cache.spec.kinds[kind]
+            topk = all(ks.has_topk(i) for i in cache.spec.shard_range(kind, shard))
+            try:  # checksums above cover the top-k of shards mixing samples with and without one
+                targets = cache.read_shard(
+                    kind, shard, fields=("input_ids", "hidden", *(("topk",) if topk else ()))
+                )
             except CacheCorruptionError as err:
                 problems.append(ShardProblem(kind, shard, None, str(err)))
                 continue

@@ -72,7 +72,12 @@ class CacheWriter:
         self.codec: HiddenCodec = get_codec(spec.codec)
         self._open_or_create(overwrite)
         self._arrays = {kind: spec.arrays(kind) for kind in spec.kinds}
-        self._zarr = {a.path: self._group[a.path] for arrays in self._arrays.values() for a in arrays}
+        # all-zero chunks (samples that store no top-k) are written too, so every shard object exists
+        self._zarr = {
+            a.path: self._group[a.path].with_config({"write_empty_chunks": True})
+            for arrays in self._arrays.values()
+            for a in arrays
+        }
         self._complete = {kind: self.location.completed_shards(kind) for kind in spec.kinds}
         self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
         self._pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="longred-write")
@@ -142,8 +147,6 @@ class CacheWriter:
                 shards=(self.spec.shard_samples, *per_sample),
                 compressors=ZstdCodec(level=1, checksum=True),
                 fill_value=0,
-                # all-zero chunks (samples without a top-k) are written too, so every shard object exists
-                config={"write_empty_chunks": True},
             )
         except ContainsArrayError:
             pass  # created by an earlier run or a concurrent writer with the same spec
@@ -205,9 +208,9 @@ class CacheWriter:
         if topk_B.any() and not topk_B.all():  # samples that store no top-k keep zeros (a copy, not in place)
             for name in ("topk_ids", "topk_logprobs", "tail_logmass"):
                 array = host[f"{kind}/{name}"]
-                host[f"{kind}/{name}"] = np.where(topk_B.reshape(-1, *[1] * (array.ndim - 1)), array, 0).astype(
-                    array.dtype
-                )
+                host[f"{kind}/{name}"] = np.where(
+                    topk_B.reshape(-1, *[1] * (array.ndim - 1)), array, 0
+                ).astype(array.dtype)
         by_shard: dict[int, list[int]] = {}
         for row, sample in enumerate(ids):
             by_shard.setdefault(sample // self.spec.shard_samples, []).append(row)
@@ -322,7 +325,9 @@ class CacheWriter:
             high = self.spec.vocab_size
             _check_tensor(kind, "topk_ids", topk_ids, (b, t, k), integer=True, ids=ids, high=high)
             _check_tensor(kind, "topk_logprobs", topk_logprobs, (b, t, k), integer=False, ids=ids)
-            _check_tensor(kind, "tail_logmass", tail_logmass, (b, t), integer=False, ids=ids, allow_neg_inf=True)
+            _check_tensor(
+                kind, "tail_logmass", tail_logmass, (b, t), integer=False, ids=ids, allow_neg_inf=True
+            )
         return ids
 
 

@@ -125,9 +125,7 @@ class StudentObjectives(nn.Module):
             hidden = self.hidden_states(input_ids_BT, position_ids_BT, layers=self.layers)
             positions_BP = targets.get("positions")
             return sum(
-                cosine_distill_loss(
-                    _at(hidden[name], positions_BP), _teacher_states(targets["hidden"][name])
-                )
+                cosine_distill_loss(_at(hidden[name], positions_BP), _teacher_states(targets["hidden"][name]))
                 for name in self.layers
             )
         if objective == "s2l":
