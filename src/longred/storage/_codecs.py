@@ -34,7 +34,7 @@ def bf16_bits(values: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_from_bits(bits: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`bf16_bits`: raw 16 bits (uint16 numpy, int16/uint16 torch) -> bfloat16 view, no copy."""
+    """Inverse of :func:`bf16_bits`: raw 16 bits (numpy or torch) -> a bfloat16 view, no copy."""
     if isinstance(bits, np.ndarray):
         bits = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16))
     return bits.view(torch.bfloat16)
