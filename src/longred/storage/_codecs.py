@@ -64,6 +64,8 @@ class HiddenCodec:
     """Base class: ``encode`` -> dict of arrays, ``decode`` -> float32 tensor of the original shape."""
 
     name: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]]
+    """Names of the stored arrays (``array_specs``' keys)."""
 
     def array_specs(self, hidden_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         """Per-token trailing shape and numpy dtype of each stored array (after the (N, T) axes)."""
@@ -85,7 +87,7 @@ class HiddenCodec:
 
     def direction_parts(self) -> tuple[str, ...]:
         """The arrays ``direction_as`` reads (a subset of ``array_specs``' names)."""
-        return tuple(self.array_specs(1))
+        return self.parts
 
     def direction_as(self, arrays: dict[str, np.ndarray | torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Each token's hidden state times some positive number of its own: all a cosine needs.
@@ -102,6 +104,7 @@ class Bf16Codec(HiddenCodec):
     """Lossless reference: the raw bfloat16 bits (zarr has no bfloat16 dtype)."""
 
     name: ClassVar[str] = "bf16"
+    parts: ClassVar[tuple[str, ...]] = ("codes",)
 
     def array_specs(self, hidden_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         return {"codes": ((hidden_size,), "uint16")}
@@ -118,6 +121,7 @@ class Int8Codec(HiddenCodec):
     """The default: int8 codes with one float32 absmax scale per token."""
 
     name: ClassVar[str] = "int8"
+    parts: ClassVar[tuple[str, ...]] = ("codes", "scale")
 
     def array_specs(self, hidden_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
         return {"codes": ((hidden_size,), "int8"), "scale": ((), "float32")}
@@ -147,6 +151,7 @@ class Int8OutlierCodec(HiddenCodec):
     """
 
     name: ClassVar[str] = "int8-outlier"
+    parts: ClassVar[tuple[str, ...]] = ("codes", "scale", "outlier_idx", "outlier_val")
     outliers: int = 3
 
     def __post_init__(self) -> None:
@@ -246,7 +251,7 @@ class StoredHidden:
         Raises:
             ValueError: the scales were not read (a direction-only read of an int8 cache).
         """
-        missing = set(self.codec.array_specs(1)) - set(self.parts)
+        missing = set(self.codec.parts) - set(self.parts)
         if missing:
             raise ValueError(
                 f"StoredHidden ({self.codec.name}) holds only {sorted(self.parts)}; decoding needs "
