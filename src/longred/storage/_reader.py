@@ -124,11 +124,14 @@ class TeacherCache:
         kind: str,
         shard: int,
         *,
-        fields: tuple[str, ...] = FIELDS,
+        fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
         form: str = "decoded",
     ) -> Targets:
-        """Read and decode one whole shard (the efficient unit of I/O); ``form``: one of ``FORMS``."""
+        """Read and decode one whole shard (the efficient unit of I/O).
+
+        ``fields``: of ``FIELDS``, None for all that every sample of the shard stores (asking for a
+        top-k some sample lacks raises ValueError); ``form``: one of ``FORMS``."""
         if not self._is_complete(kind, shard):
             raise MissingShardError(
                 f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
@@ -141,11 +144,11 @@ class TeacherCache:
         kind: str,
         sample_id: int,
         *,
-        fields: tuple[str, ...] = FIELDS,
+        fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
         form: str = "decoded",
     ) -> dict:
-        """Random access to one sample (reads only that sample's chunks); ``form``: one of ``FORMS``."""
+        """Random access to one sample (reads only that sample's chunks); arguments as ``read_shard``'s."""
         self._check_kind(kind)
         n = self.spec.kinds[kind].num_samples
         if not 0 <= sample_id < n:
@@ -185,13 +188,15 @@ class TeacherCache:
 
     def _read(self, kind, rows: slice, ids: range, fields, layers, where: str, form: str) -> Targets:
         self._check_kind(kind)
+        ks = self.spec.kinds[kind]
+        if fields is None:  # everything these samples store
+            fields = FIELDS if all(ks.has_topk(i) for i in ids) else ("input_ids", "hidden")
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"Unknown fields {sorted(unknown)}; choose from {list(FIELDS)}.")
         if form not in FORMS:
             raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}.")
         layers = self.resolve_layers(kind, layers) if "hidden" in fields else ()
-        ks = self.spec.kinds[kind]
         if "topk" in fields:
             lacking = [i for i in ids if not ks.has_topk(i)]
             if lacking:

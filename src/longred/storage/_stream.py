@@ -32,7 +32,7 @@ class TargetStream:
     Args:
         cache: an open ``TeacherCache``.
         kind: ``"short"`` or ``"s2l"``.
-        fields: any of ``("input_ids", "hidden", "topk")``.
+        fields: any of ``("input_ids", "hidden", "topk")``; None: all the kind's training samples store.
         layers: stored layers to decode (default: all of the kind's).
         seed: shuffling seed; shuffle: False keeps shard and sample order.
         rank, world_size: this process's partition (torch.distributed rank).
@@ -54,7 +54,7 @@ class TargetStream:
         cache: TeacherCache,
         kind: str,
         *,
-        fields: tuple[str, ...] = FIELDS,
+        fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -80,6 +80,8 @@ class TargetStream:
                 f"{cache.url}: {kind} shards {missing[:8]} are incomplete; finish precompute first "
                 f"(rerun the same command) or check with `longred cache info`."
             )
+        if fields is None:
+            fields = FIELDS if cache.spec.kinds[kind].topk == "all" else ("input_ids", "hidden")
         self.cache, self.kind, self.fields, self.shuffle = cache, kind, tuple(fields), shuffle
         self.layers = cache.resolve_layers(kind, layers) if "hidden" in fields else ()
         self.partition, self.partitions = rank * num_workers + worker, world_size * num_workers
