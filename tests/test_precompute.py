@@ -59,7 +59,7 @@ def assert_same_arrays(a: str, b: str) -> None:
 
 
 def test_stored_targets_equal_the_live_teacher(tiny_teacher_dir, tmp_path):
-    cfg = config(tiny_teacher_dir, tmp_path / "c.zarr")
+    cfg = config(tiny_teacher_dir, tmp_path / "c.zarr", short_topk="all", s2l_topk=True)
     summary = run_precompute(cfg, progress=False)
     assert summary["samples"] == 19 and summary["shards_written"] == 5
     cache = TeacherCache(cfg.out)

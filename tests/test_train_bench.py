@@ -24,6 +24,8 @@ def test_offline_is_faster_and_lighter_than_online(tmp_path):
     )
     assert json.loads(out.read_text()) == result
     assert set(result) == {"device", "model", "offline", "online", "step_ratio", "mem_saved_mb"}
-    assert all(set(result[m]) == {"step_s", "peak_mem_mb"} for m in ("offline", "online"))
+    assert all(
+        set(result[m]) == {"step_s", "peak_mem_mb", "reader_s_per_step"} for m in ("offline", "online")
+    )
     assert result["step_ratio"] > 1.0, "the online run adds a teacher forward per distillation micro-batch"
     assert result["mem_saved_mb"] > 300, "the online run holds the 540 MB float32 teacher"

@@ -21,8 +21,9 @@ KEYS = ("loss", "loss_long", "loss_short", "loss_s2l")
 
 
 def cache_with(teacher, folder, codec: str, **changes) -> str:
-    """FOLDER/CODEC.zarr: by default 12 short texts of 32 tokens (layers 1, 3, final), 6 s2l texts of 64,
-    top-8, 4 samples per shard; `changes` sets any other PrecomputeConfig field."""
+    """FOLDER/CODEC.zarr: by default 12 short texts of 32 tokens (layers 1, 3, final), 6 s2l texts of 64
+    with their top-8 (the s2l KL reads it), 4 samples per shard; `changes` sets any other PrecomputeConfig
+    field."""
     out = str(folder / f"{codec}.zarr")
     settings = dict(
         short_len=32,
@@ -31,6 +32,7 @@ def cache_with(teacher, folder, codec: str, **changes) -> str:
         s2l_len=64,
         s2l_samples=6,
         top_k=8,
+        s2l_topk=True,
         layers=["1", "3", "final"],
         shard_samples=4,
         batch_tokens=128,

@@ -304,6 +304,15 @@ def _add_bench_commands(commands) -> None:
         "--cache", default=None, help="cache to train from (default: precompute a small one)"
     )
     bench_train.add_argument("--steps", type=int, default=3, help="steps per mode (the first is not timed)")
+    bench_reader = _bench_parser(
+        bench,
+        "reader",
+        help="cache -> collated batches: float32 decode vs int8 codes (MB/s per core, memory held)",
+        benchmark="longred.benchmarks.reader:run_reader_benchmark",
+    )
+    bench_reader.add_argument("--cache", default=None, help="cache to read (default: precompute one)")
+    bench_reader.add_argument("--samples", type=int, default=64, help="short samples to precompute")
+    bench_reader.add_argument("--length", type=int, default=512, help="tokens per sample")
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

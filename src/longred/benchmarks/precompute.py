@@ -3,8 +3,11 @@
 Bare forward: ``model(input_ids)`` with its full logits, what running the teacher costs anyway. Full
 precompute: the same forward through ``TeacherCapture`` (hooks, chunked top-k) plus quantization,
 compression, checksums and writes through ``CacheWriter``, until the last shard is on disk.
-``overhead_ratio`` = precompute time / forward time. Also used by ``benchmarks/gpu_precompute.py``
-with a random-weight model of a real model's shape.
+``overhead_ratio`` = precompute time / forward time. The precompute runs twice: with a top-k for every
+sample (``*_topk``: the teacher's lm_head and the chunked top-k run) and with none (``*_no_topk``: what a
+training short sample costs now that only held-out samples store one; no lm_head); ``topk_share`` = 1 -
+no-top-k time / top-k time. Also used by ``benchmarks/gpu_precompute.py`` with a random-weight model of
+a real model's shape.
 """
 
 from __future__ import annotations
@@ -48,31 +51,37 @@ def measure_precompute(
 
     Returns:
         ``{"tokens", "tokens_per_s_forward", "tokens_per_s_precompute", "overhead_ratio",
-        "bytes_per_token"}`` (best of ``repeats`` for each side).
+        "bytes_per_token"}`` with a top-k for every sample, ``"tokens_per_s_precompute_no_topk"``,
+        ``"overhead_ratio_no_topk"``, ``"bytes_per_token_no_topk"`` without, and ``"topk_share"`` of the
+        precompute time (best of ``repeats`` for each).
     """
     device = next(model.parameters()).device
     n, t = input_ids_NT.shape
     layers = check_layers(layers, model.config.num_hidden_layers)
-    spec = CacheSpec(
-        teacher=teacher,
-        tokenizer_sha256="bench",
-        corpus_sha256="bench",
-        kinds={"short": KindSpec(length=t, num_samples=n, layers=layers)},
-        hidden_size=model.config.hidden_size,
-        vocab_size=model.config.vocab_size,
-        top_k=top_k,
-        codec={"name": codec},
-        shard_samples=max(batch_size, 16),
-    )
+    specs = {
+        topk: CacheSpec(
+            teacher=teacher,
+            tokenizer_sha256="bench",
+            corpus_sha256="bench",
+            kinds={"short": KindSpec(length=t, num_samples=n, layers=layers, topk=topk)},
+            hidden_size=model.config.hidden_size,
+            vocab_size=model.config.vocab_size,
+            top_k=top_k,
+            codec={"name": codec},
+            shard_samples=max(batch_size, 16),
+        )
+        for topk in ("all", "none")
+    }
     batches = [
         torch.from_numpy(input_ids_NT[i : i + batch_size].astype(np.int64)).to(device)
         for i in range(0, n, batch_size)
     ]
     samples = {"short": input_ids_NT}
-    work = [("short", s) for s in range(spec.num_shards("short"))]
+    work = [("short", s) for s in range(specs["all"].num_shards("short"))]
     with torch.no_grad():
         model(input_ids=batches[0], attention_mask=torch.ones_like(batches[0]), use_cache=False)  # warm-up
-    forward_s = precompute_s = float("inf")
+    forward_s = float("inf")
+    precompute_s, written = dict.fromkeys(specs, float("inf")), {}
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
@@ -81,19 +90,24 @@ def measure_precompute(
                 model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         _sync(device)
         forward_s = min(forward_s, time.perf_counter() - start)
-        with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            with CacheWriter(f"{folder}/bench.zarr", spec) as writer:
-                fill_shards(writer, model, samples, work, batch_tokens=batch_size * t)
-            precompute_s = min(precompute_s, time.perf_counter() - start)
-            written = writer.bytes_written
+        for topk, spec in specs.items():
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                with CacheWriter(f"{folder}/bench.zarr", spec) as writer:
+                    fill_shards(writer, model, samples, work, batch_tokens=batch_size * t)
+                precompute_s[topk] = min(precompute_s[topk], time.perf_counter() - start)
+                written[topk] = writer.bytes_written
     tokens = n * t
     return {
         "tokens": tokens,
         "tokens_per_s_forward": round(tokens / forward_s, 1),
-        "tokens_per_s_precompute": round(tokens / precompute_s, 1),
-        "overhead_ratio": round(precompute_s / forward_s, 4),
-        "bytes_per_token": round(written / tokens, 1),
+        "tokens_per_s_precompute": round(tokens / precompute_s["all"], 1),
+        "overhead_ratio": round(precompute_s["all"] / forward_s, 4),
+        "bytes_per_token": round(written["all"] / tokens, 1),
+        "tokens_per_s_precompute_no_topk": round(tokens / precompute_s["none"], 1),
+        "overhead_ratio_no_topk": round(precompute_s["none"] / forward_s, 4),
+        "bytes_per_token_no_topk": round(written["none"] / tokens, 1),
+        "topk_share": round(1 - precompute_s["none"] / precompute_s["all"], 4),
     }
 
 

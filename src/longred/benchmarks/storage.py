@@ -14,6 +14,10 @@ Source: the teacher (default: the embedded SmolLM2-135M-Instruct) run over the e
   encode, compress, checksum, completion records) and reading back through the streaming reader
   (decompress, decode); ``*_stored_mb_s`` count the cache's arrays before compression instead (int8
   codes are a quarter of float32). Random reads: whole samples by id.
+- ``positions``: ``int8`` storing all, 50% or 25% of each sample's positions (strided, as precompute's
+  ``short_positions``: the others are zeros), bytes per value of the full sample and the ratio vs bf16;
+  ``recipe_tib`` projects the paper's Llama-3-8B cache (393,216 short samples x 1,024 tokens x 6 layers
+  at that setting, plus 16,384 s2l samples x 8,192 tokens x 1 layer at all positions, D = 4,096).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ __all__ = ["run_storage_benchmark"]
 
 LAYERS = ("1", "8", "15", "22", "29", "final")
 TOPK_SIZES = (16, 32, 64)
+POSITION_FRACTIONS = (1.0, 0.5, 0.25)
+RECIPE_VALUES = {"short": 393_216 * 1024 * 6 * 4096, "s2l": 16_384 * 8192 * 4096}
 
 
 def run_storage_benchmark(
@@ -64,6 +70,7 @@ def run_storage_benchmark(
         "source": f"{teacher_dir.name}: {samples} x {length} tokens of embedded:prose, "
         f"layers {','.join(layers)}",
         "hidden": _hidden_codecs(hidden),
+        "positions": _positions(hidden),
         "topk": _topk(model, hidden["final"]),
         "io": _io(teacher_dir, ids_NT, hidden, batches, vocab_size=model.config.vocab_size, copies=io_copies),
     }
@@ -114,6 +121,36 @@ def _hidden_codecs(hidden: dict[str, torch.Tensor]) -> dict:
     finally:
         torch.set_num_threads(threads)
     return results
+
+
+def _positions(hidden: dict[str, torch.Tensor]) -> dict:
+    """int8 bytes per value with a strided share of each sample's positions kept, and the recipe's TiB."""
+    zstd, codec = numcodecs.Zstd(level=1, checksum=True), get_codec("int8")
+    n, t, _ = next(iter(hidden.values())).shape
+    values = sum(h.numel() for h in hidden.values())
+    out, full = {}, None
+    for fraction in POSITION_FRACTIONS:
+        spec = KindSpec(length=t, num_samples=n, layers=("0",), position_fraction=fraction)
+        keep_NT = torch.ones(n, t)
+        for sample in range(n):
+            kept = spec.kept_positions(sample)
+            if kept is not None:
+                keep_NT[sample] = 0.0
+                keep_NT[sample, torch.from_numpy(kept)] = 1.0
+        stored = 0
+        for original in hidden.values():
+            encoded = codec.encode(original * keep_NT.unsqueeze(-1))
+            stored += sum(_stored_bytes(a.numpy(), zstd) for a in encoded.values())
+        bytes_per_value = stored / values
+        full = full or bytes_per_value  # 1.0 comes first: the s2l samples keep every position
+        tib = (RECIPE_VALUES["short"] * bytes_per_value + RECIPE_VALUES["s2l"] * full) / 2**40
+        out[f"int8+{round(fraction * 100)}%"] = {
+            "bytes_per_value": round(bytes_per_value, 4),
+            "ratio_vs_bf16": round(2.0 / bytes_per_value, 3),
+            "recipe_tib": round(tib, 2),
+        }
+    out["bf16_recipe_tib"] = round(2.0 * sum(RECIPE_VALUES.values()) / 2**40, 2)
+    return out
 
 
 @torch.no_grad()

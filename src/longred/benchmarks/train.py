@@ -7,6 +7,8 @@ peak memory is its own), from the same weights, data and seed. Units:
   one short and one s2l micro-batch (`combine` weighted), so the online run adds one teacher forward on
   the short and s2l batches (hidden states and, as precompute computes them, top-k log-probs).
 - ``peak_mem_mb``: peak GPU allocation on CUDA, else the process's peak resident set size (MiB).
+- ``reader_s_per_step``: mean seconds per step the loop waited for its sample streams and collated
+  them (offline: the cache's int8 codes as stored; `longred bench reader` times the reader alone).
 - ``step_ratio``: online step_s / offline step_s (> 1: offline is faster);
   ``mem_saved_mb``: online peak_mem_mb - offline peak_mem_mb (about the teacher's size on CPU).
 """
@@ -58,7 +60,7 @@ def run_train_benchmark(
         rope: the student's RoPE spec.
 
     Returns:
-        {"device", "model", "offline": {"step_s", "peak_mem_mb"}, "online": {"step_s", "peak_mem_mb"},
+        {"device", "model", "offline": {"step_s", "peak_mem_mb", "reader_s_per_step"}, "online": {...},
         "step_ratio", "mem_saved_mb"}.
     """
     if steps < 2:
@@ -106,6 +108,7 @@ def run_train_benchmark(
             results[mode] = {
                 "step_s": round(statistics.median(summary["step_times_s"][1:]), 4),
                 "peak_mem_mb": summary["peak_mem_mb"],
+                "reader_s_per_step": summary["reader_s_per_step"],
             }
     result = {
         "device": summary["device"] if summary["device"] == "cpu" else torch.cuda.get_device_name(),

@@ -6,6 +6,8 @@ Only the requested layers are kept (hooks on those blocks; ``output_hidden_state
 L + 1 states at once), and the base model runs without ``lm_head``: log-probabilities are computed
 from the post-norm state ``C`` tokens at a time, so at most C x V fp32 logits exist: 384 MiB for
 C = 2048 and SmolLM2's 49K vocabulary, 1 GiB for Llama-3's 128K (the full 8 x 8K x 128K would be 32 GiB).
+With ``top_k=None`` (nothing reads a top-k: training short samples, s2l without its KL) the vocabulary
+projection does not run at all (``longred bench precompute`` measures what that saves).
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ class CapturedTargets:
     """What the teacher produced for one batch, on the teacher's device.
 
     Attributes:
-        hidden: layer name -> (B, T, D) in the model's dtype.
-        topk_ids: (B, T, K) int64; topk_logprobs: (B, T, K) float32; tail_logmass: (B, T) float32.
+        hidden: layer name -> (B, T, D) in the model's dtype, positions 0..T-1.
+        topk_ids: (B, T, K) int64; topk_logprobs: (B, T, K) float32; tail_logmass: (B, T) float32;
+            all three None when no top-k was asked for (``top_k=None``: the lm_head never ran). Every
+            capture backend keeps this contract: the top-k is present exactly when it was requested.
     """
 
     hidden: dict[str, torch.Tensor]
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    tail_logmass: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    tail_logmass: torch.Tensor | None = None
 
 
 class TeacherCapture:
@@ -45,13 +49,20 @@ class TeacherCapture:
     Args:
         model: a ``*ForCausalLM`` with ``.model`` (embed_tokens, layers, norm) and ``lm_head``.
         layers: layer names to capture (``"0"`` embeddings, ``"k"`` block k output, ``"final"`` post-norm).
-        top_k: how many next-token log-probabilities to keep per position.
+        top_k: how many next-token log-probabilities to keep per position; None: none (no lm_head).
         chunk_tokens: tokens per logits chunk (bounds the C x V fp32 logits).
     """
 
     def __init__(
-        self, model: torch.nn.Module, *, layers: tuple[str, ...], top_k: int, chunk_tokens: int = 2048
+        self,
+        model: torch.nn.Module,
+        *,
+        layers: tuple[str, ...],
+        top_k: int | None,
+        chunk_tokens: int = 2048,
     ):
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"TeacherCapture: top_k must be >= 1 or None, got {top_k}")
         self.model = model.eval().requires_grad_(False)
         self.base = model.model
         self.layers = check_layers(layers, len(self.base.layers))
@@ -81,11 +92,15 @@ class TeacherCapture:
         final_BTD = out.last_hidden_state
         if "final" in self.layers:
             captured["final"] = final_BTD
-        ids, logprobs, tail = self.topk(final_BTD)
-        return CapturedTargets({n: captured[n] for n in self.layers}, ids, logprobs, tail)
+        hidden = {n: captured[n] for n in self.layers}
+        if self.top_k is None:
+            return CapturedTargets(hidden)
+        return CapturedTargets(hidden, *self.topk(final_BTD))
 
     def topk(self, final_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k log-probabilities from the post-norm state, ``chunk_tokens`` tokens at a time."""
+        if self.top_k is None:
+            raise ValueError("TeacherCapture was built with top_k=None: it computes no top-k.")
         b, t, d = final_BTD.shape
         flat_ND = final_BTD.reshape(b * t, d)
         weight_VD = self.model.lm_head.weight

@@ -10,7 +10,7 @@ from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.urls import check_urls
 from longred.corpus.windows import PACKINGS, SampleSpec
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K
-from longred.storage import CODECS
+from longred.storage import CODECS, POSITION_SAMPLING, TOPK_SAMPLES
 
 __all__ = ["PrecomputeConfig"]
 
@@ -42,7 +42,19 @@ class PrecomputeConfig:
     layers: list[str] = dataclass_field(default_factory=lambda: list(DEFAULT_LAYERS))
     """Layers stored for `short` (HF numbering; 'final' = post-norm). `s2l` always stores 'final'."""
     top_k: int = DEFAULT_TOP_K
-    """Next-token log-probabilities kept per position."""
+    """Next-token log-probabilities kept per position, where a top-k is stored (short_topk, s2l_topk)."""
+    short_topk: str = "heldout"
+    """Short samples that store the top-k: heldout (evaluation's KL reads it; training never does), all,
+    none. Where none is stored the teacher's lm_head does not run."""
+    s2l_topk: bool = False
+    """Store the s2l samples' top-k (training's s2l_kl_weight > 0 needs it)."""
+    short_positions: float = 1.0
+    """Share of each training short sample's token positions whose hidden states are stored (e.g. 0.5);
+    training's L_short averages over exactly those while the student reads the whole text. Held-out
+    samples keep all."""
+    short_position_sampling: str = "strided"
+    """Which positions (drawn from `seed` and the sample id): strided (evenly spaced, random offset) or
+    random (uniform without replacement)."""
     codec: str = "int8"
     """Hidden-state codec: bf16 (lossless), int8 (default), int8-outlier (higher fidelity)."""
     packing: str = _SAMPLES.packing
@@ -56,7 +68,12 @@ class PrecomputeConfig:
     overwrite: bool = False
     """Replace an existing cache made from other inputs instead of refusing it."""
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"codec": tuple(sorted(CODECS)), "packing": PACKINGS}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "codec": tuple(sorted(CODECS)),
+        "packing": PACKINGS,
+        "short_topk": TOPK_SAMPLES,
+        "short_position_sampling": POSITION_SAMPLING,
+    }
 
     def __post_init__(self) -> None:
         self.layers = list(comma_list(self.layers))
@@ -65,6 +82,8 @@ class PrecomputeConfig:
         )
         problems += at_least(self, 0, "heldout", "s2l_samples")
         problems += one_of(self)
+        if not 0.0 < self.short_positions <= 1.0:
+            problems.append(f"short_positions must be in (0, 1], got {self.short_positions}")
         if not self.layers:
             problems.append("layers must name at least one layer")
         problems += check_urls(self, stores=("out",), folders=())

@@ -49,10 +49,20 @@ def build_spec_and_samples(
             num_samples=len(samples["short"]),
             layers=layers,
             heldout=tuple(range(config.short_samples, config.short_samples + config.heldout)),
+            # "heldout" with no held-out samples stores nothing: say so in the spec
+            topk="none" if config.short_topk == "heldout" and not config.heldout else config.short_topk,
+            position_fraction=config.short_positions,
+            position_sampling=config.short_position_sampling,
+            position_seed=config.seed,
         )
     }
     if config.s2l_samples:
-        kinds["s2l"] = KindSpec(length=config.s2l_len, num_samples=config.s2l_samples, layers=("final",))
+        kinds["s2l"] = KindSpec(
+            length=config.s2l_len,
+            num_samples=config.s2l_samples,
+            layers=("final",),
+            topk="all" if config.s2l_topk else "none",
+        )
     spec = CacheSpec(
         teacher=teacher_identity(teacher_dir),
         tokenizer_sha256=tokenizer_sha256(teacher_dir),
@@ -89,17 +99,19 @@ def fill_shards(
     """
     spec = writer.spec
     device = next(model.parameters()).device
+    # (kind, stores a top-k) -> capture: the lm_head runs only for samples whose top-k is stored
     captures = {
-        kind: TeacherCapture(model, layers=ks.layers, top_k=spec.top_k) for kind, ks in spec.kinds.items()
+        (kind, topk): TeacherCapture(model, layers=ks.layers, top_k=spec.top_k if topk else None)
+        for kind, ks in spec.kinds.items()
+        for topk in (False, True)
     }
     tokens = done = 0
     for kind, shard in work:
-        ids = list(spec.shard_range(kind, shard))
-        step = max(1, batch_tokens // spec.kinds[kind].length)
-        for first in range(0, len(ids), step):
-            batch_ids = ids[first : first + step]
+        ks = spec.kinds[kind]
+        step = max(1, batch_tokens // ks.length)
+        for batch_ids in _batches(list(spec.shard_range(kind, shard)), step, key=ks.has_topk):
             input_ids = torch.from_numpy(samples[kind][batch_ids].astype(np.int64)).to(device)
-            targets = captures[kind](input_ids)
+            targets = captures[kind, ks.has_topk(batch_ids[0])](input_ids)
             writer.add(
                 kind,
                 sample_ids=batch_ids,
@@ -114,6 +126,17 @@ def fill_shards(
             if on_batch is not None:
                 on_batch(input_ids.numel(), len(batch_ids))
     return tokens, done
+
+
+def _batches(ids: list[int], size: int, *, key) -> list[list[int]]:
+    """``ids`` cut into batches of at most ``size`` consecutive ids sharing ``key(id)``."""
+    out: list[list[int]] = []
+    for sample in ids:
+        if out and len(out[-1]) < size and key(out[-1][0]) == key(sample):
+            out[-1].append(sample)
+        else:
+            out.append([sample])
+    return out
 
 
 def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:

@@ -3,10 +3,19 @@
 See FORMAT.md beside this file for the on-disk layout, decodable with zarr and numpy alone.
 """
 
-from ._codecs import CODECS, Bf16Codec, HiddenCodec, Int8Codec, Int8OutlierCodec, get_codec
+from ._codecs import CODECS, Bf16Codec, HiddenCodec, Int8Codec, Int8OutlierCodec, StoredHidden, get_codec
 from ._integrity import ShardProblem
-from ._reader import FIELDS, CacheCorruptionError, MissingShardError, Targets, TeacherCache
-from ._spec import FORMAT, FORMAT_VERSION, KINDS, CacheSpec, KindSpec
+from ._reader import FIELDS, FORMS, CacheCorruptionError, MissingShardError, Targets, TeacherCache
+from ._spec import (
+    FORMAT,
+    FORMAT_VERSION,
+    KINDS,
+    POSITION_SAMPLING,
+    READABLE_VERSIONS,
+    TOPK_SAMPLES,
+    CacheSpec,
+    KindSpec,
+)
 from ._stream import TargetDataset, TargetStream, collate
 from ._verify import cache_info, verify_cache
 from ._writer import CacheMismatchError, CacheWriter
@@ -16,7 +25,11 @@ __all__ = [
     "FIELDS",
     "FORMAT",
     "FORMAT_VERSION",
+    "FORMS",
     "KINDS",
+    "POSITION_SAMPLING",
+    "READABLE_VERSIONS",
+    "TOPK_SAMPLES",
     "Bf16Codec",
     "CacheCorruptionError",
     "CacheMismatchError",
@@ -28,6 +41,7 @@ __all__ = [
     "KindSpec",
     "MissingShardError",
     "ShardProblem",
+    "StoredHidden",
     "TargetDataset",
     "TargetStream",
     "Targets",

@@ -15,15 +15,20 @@ import numpy as np
 import torch
 import zarr
 
-from ._codecs import get_codec
-from ._integrity import CacheLocation, ShardProblem
+from ._codecs import StoredHidden, get_codec
+from ._integrity import CacheLocation, ShardProblem, shard_key
+from ._shard import ShardLayout, shard_layout
 from ._spec import ArraySpec, CacheSpec, open_spec
 
-__all__ = ["TeacherCache", "Targets", "CacheCorruptionError", "MissingShardError", "FIELDS"]
+__all__ = ["TeacherCache", "Targets", "CacheCorruptionError", "MissingShardError", "FIELDS", "FORMS"]
 
 FIELDS = ("input_ids", "hidden", "topk")
 """Selectable field groups: token ids, hidden states of the chosen layers, top-k distribution."""
+FORMS = ("decoded", "stored", "direction")
+"""How hidden states come back: float32 decoded on the host; or a ``StoredHidden`` of every stored array
+(decode where you like, e.g. on the device); or one of only what a cosine needs (int8: the codes)."""
 _TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "tail_logmass")
+_TOPK_HELP = {"heldout": "only held-out samples keep it", "none": "no sample keeps it", "all": ""}
 
 
 class CacheCorruptionError(RuntimeError):
@@ -44,23 +49,33 @@ class Targets:
     Attributes:
         sample_ids: (S,) int64.
         input_ids: (S, T) int64, or None when not selected.
-        hidden: layer name -> (S, T, D) float32.
-        topk_ids: (S, T, K) int64; topk_logprobs: (S, T, K) float32; tail_logmass: (S, T) float32.
+        hidden: layer name -> (S, T, D) float32 (form "decoded"), or a ``StoredHidden`` of that shape.
+        topk_ids: (S, T, K) int64; topk_logprobs: (S, T, K) float32; tail_logmass: (S, T) float32
+            (form "decoded"); as stored otherwise: uint16 (or int32) ids and float16 log-probs.
     """
 
     sample_ids: torch.Tensor
     input_ids: torch.Tensor | None
-    hidden: dict[str, torch.Tensor]
+    hidden: dict[str, torch.Tensor | StoredHidden]
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+    kept_positions: list[np.ndarray | None] | None = None
+    """Per row, the positions whose hidden states are stored (``KindSpec.kept_positions``; None: all)."""
 
     def sample(self, row: int) -> dict:
-        """One sample as a dict of tensors (views, no copy)."""
+        """One sample as a dict of tensors (views, no copy), except for a sample that stores only some
+        positions: its ``hidden`` are those positions' states (K, D) (a copy) and ``positions`` (K,) int64
+        says which they are."""
+        kept = None if self.kept_positions is None else self.kept_positions[row]
         out: dict = {
             "sample_id": int(self.sample_ids[row]),
             "hidden": {k: v[row] for k, v in self.hidden.items()},
         }
+        if kept is not None and self.hidden:
+            positions_K = torch.from_numpy(kept)
+            out["hidden"] = {k: _take(v, positions_K) for k, v in out["hidden"].items()}
+            out["positions"] = positions_K
         for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logmass"):
             value = getattr(self, name)
             if value is not None:
@@ -98,6 +113,7 @@ class TeacherCache:
         self.attrs = dict(self._group.attrs)
         self._complete: dict[str, set[int]] = {}
         self._checked: dict[tuple[str, int], bool] = {}  # shard -> checksums verified (else sizes)
+        self._layouts: dict[str, ShardLayout | None] = {}
         problems = self.array_problems() if check_arrays else []
         if problems:
             raise CacheCorruptionError(
@@ -145,27 +161,32 @@ class TeacherCache:
         kind: str,
         shard: int,
         *,
-        fields: tuple[str, ...] = FIELDS,
+        fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
+        form: str = "decoded",
     ) -> Targets:
-        """Read and decode one whole shard (the efficient unit of I/O)."""
+        """Read and decode one whole shard (the efficient unit of I/O).
+
+        ``fields``: of ``FIELDS``, None for all that every sample of the shard stores (asking for a
+        top-k some sample lacks raises ValueError); ``form``: one of ``FORMS``."""
         if not self._is_complete(kind, shard):
             raise MissingShardError(
                 f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
             )
         ids = self.spec.shard_range(kind, shard)
         self._check_shard(kind, shard, checksums=self.checksums)
-        return self._read(kind, slice(ids.start, ids.stop), ids, fields, layers, f"shard {shard}")
+        return self._read(kind, slice(ids.start, ids.stop), ids, fields, layers, f"shard {shard}", form)
 
     def read_sample(
         self,
         kind: str,
         sample_id: int,
         *,
-        fields: tuple[str, ...] = FIELDS,
+        fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
+        form: str = "decoded",
     ) -> dict:
-        """Random access to one sample (reads only that sample's chunks)."""
+        """Random access to one sample (reads only that sample's chunks); arguments as ``read_shard``'s."""
         self._check_kind(kind)
         n = self.spec.kinds[kind].num_samples
         if not 0 <= sample_id < n:
@@ -178,7 +199,7 @@ class TeacherCache:
         ids = range(sample_id, sample_id + 1)
         self._check_shard(kind, shard, checksums=False)
         return self._read(
-            kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}"
+            kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}", form
         ).sample(0)
 
     # internals ---------------------------------------------------------------------------------------
@@ -219,30 +240,58 @@ class TeacherCache:
             )
         return chosen
 
-    def _read(self, kind, rows: slice, ids: range, fields, layers, where: str) -> Targets:
+    def _read(self, kind, rows: slice, ids: range, fields, layers, where: str, form: str) -> Targets:
         self._check_kind(kind)
+        ks = self.spec.kinds[kind]
+        if fields is None:  # everything these samples store
+            fields = FIELDS if all(ks.has_topk(i) for i in ids) else ("input_ids", "hidden")
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"Unknown fields {sorted(unknown)}; choose from {list(FIELDS)}.")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}.")
         layers = self.resolve_layers(kind, layers) if "hidden" in fields else ()
-        wanted = [a for a in self.spec.arrays(kind) if _selected(a, kind, fields, layers)]
+        if "topk" in fields:
+            lacking = [i for i in ids if not ks.has_topk(i)]
+            if lacking:
+                raise ValueError(
+                    f"{self.url}: {kind} samples {lacking[:5]} ({where}) have no stored top-k ({kind} topk="
+                    f"{ks.topk!r}: {_TOPK_HELP[ks.topk]}); precompute with the top-k of those samples, or "
+                    "read without 'topk'."
+                )
+        parts = self.codec.direction_parts() if form == "direction" else None
+        wanted = [a for a in self.spec.arrays(kind) if _selected(a, kind, fields, layers, parts)]
         raw = {a.path: self._read_array(a, rows, kind, where) for a in wanted}
-        hidden = {}
+        hidden: dict = {}
         for layer in layers:
-            parts = {a.part: raw[a.path] for a in wanted if a.layer == layer}
-            hidden[layer] = self.codec.decode(parts)
+            arrays = {a.part: raw[a.path] for a in wanted if a.layer == layer}
+            if form == "decoded":
+                hidden[layer] = self.codec.decode(arrays)
+            else:  # no copy: the tensors share the arrays zarr decompressed into
+                hidden[layer] = StoredHidden(self.codec, {n: _as_tensor(a) for n, a in arrays.items()})
         topk = "topk" in fields
+        decoded = form == "decoded"
+        convert = (
+            (lambda a, dtype: torch.from_numpy(a.astype(dtype))) if decoded else (lambda a, _: _as_tensor(a))
+        )
         return Targets(
             sample_ids=torch.arange(ids.start, ids.stop),
             input_ids=_long(raw[f"{kind}/input_ids"]) if "input_ids" in fields else None,
             hidden=hidden,
-            topk_ids=_long(raw[f"{kind}/topk_ids"]) if topk else None,
-            topk_logprobs=torch.from_numpy(raw[f"{kind}/topk_logprobs"].astype(np.float32)) if topk else None,
+            topk_ids=convert(raw[f"{kind}/topk_ids"], np.int64) if topk else None,
+            topk_logprobs=convert(raw[f"{kind}/topk_logprobs"], np.float32) if topk else None,
             tail_logmass=torch.from_numpy(raw[f"{kind}/tail_logmass"]) if topk else None,
+            kept_positions=[ks.kept_positions(i) for i in ids] if ks.position_fraction < 1.0 else None,
         )
 
     def _read_array(self, array: ArraySpec, rows: slice, kind: str, where: str) -> np.ndarray:
         try:
+            shard, offset = divmod(rows.start, self.spec.shard_samples)
+            layout = self._layout(array) if offset == 0 and rows.stop - rows.start > 1 else None
+            if layout is not None:  # a whole shard: one object read, no per-chunk zarr overhead
+                return layout.decode(
+                    self.location.read_bytes(shard_key(array, shard)), rows.stop - rows.start
+                )
             return self._group[array.path][rows]
         except Exception as err:  # zarr/numcodecs raise assorted types for undecodable bytes
             raise CacheCorruptionError(
@@ -250,13 +299,28 @@ class TeacherCache:
                 f"Run `longred cache verify {self.url}` to list every bad shard."
             ) from err
 
+    def _layout(self, array: ArraySpec) -> ShardLayout | None:
+        if array.path not in self._layouts:
+            metadata = self.location.read_json(f"{array.path}/zarr.json")
+            self._layouts[array.path] = shard_layout(metadata, self.spec.shard_samples)
+        return self._layouts[array.path]
 
-def _selected(array: ArraySpec, kind: str, fields, layers) -> bool:
+
+def _selected(array: ArraySpec, kind: str, fields, layers, parts: tuple[str, ...] | None) -> bool:
     if array.layer is not None:
-        return array.layer in layers
+        return array.layer in layers and (parts is None or array.part in parts)
     name = array.path[len(kind) + 1 :]
     return (name == "input_ids" and "input_ids" in fields) or (name in _TOPK_ARRAYS and "topk" in fields)
 
 
 def _long(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
+
+
+def _take(hidden: torch.Tensor | StoredHidden, positions_K: torch.Tensor) -> torch.Tensor | StoredHidden:
+    return hidden.take(positions_K) if isinstance(hidden, StoredHidden) else hidden[positions_K]
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A stored array as a tensor without a copy (torch holds uint16 ids as uint16; bits stay bits)."""
+    return torch.from_numpy(np.ascontiguousarray(array))

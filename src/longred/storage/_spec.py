@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import zarr
 
 from longred.base.layers import LAYER_NUMBERING, layer_name
@@ -20,7 +21,10 @@ from ._codecs import get_codec
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "KINDS",
+    "TOPK_SAMPLES",
+    "POSITION_SAMPLING",
     "KindSpec",
     "CacheSpec",
     "ArraySpec",
@@ -29,8 +33,12 @@ __all__ = [
 ]
 
 FORMAT = "longred-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added the kinds' ``topk`` and ``position_*`` fields; version 1 caches read as their defaults."""
 KINDS = ("short", "s2l")
+TOPK_SAMPLES = ("all", "heldout", "none")
+POSITION_SAMPLING = ("strided", "random")
 TEACHER_POSITIONS = "0..T-1"
 MAX_SHARDS = 1_000_000
 """Shards per kind: completion records are named by six digits."""
@@ -50,6 +58,15 @@ class KindSpec:
     """Stored hidden-state layers, in ``layer_name`` form."""
     heldout: tuple[int, ...] = ()
     """Sample ids reserved for evaluation; training streams skip them."""
+    topk: str = "all"
+    """Samples whose top-k is stored: all, heldout (the others' rows hold zeros), none (no top-k arrays)."""
+    position_fraction: float = 1.0
+    """Share of each training sample's token positions whose hidden states are stored (held-out samples
+    keep all); the others hold zeros. 1.0: all positions."""
+    position_sampling: str = "strided"
+    """Which positions: strided (evenly spaced, random offset) or random (uniform without replacement)."""
+    position_seed: int = 0
+    """Positions of sample n are a function of (position_seed, n) alone: see ``kept_positions``."""
 
     def __post_init__(self) -> None:
         problems = _integers(self, {"length": 2**24, "num_samples": 2**31 - 1})
@@ -59,6 +76,17 @@ class KindSpec:
             raise ValueError(f"Invalid kind spec: {len(self.layers)} layers, {len(self.heldout)} held out")
         object.__setattr__(self, "layers", tuple(layer_name(x) for x in self.layers))
         object.__setattr__(self, "heldout", tuple(int(i) for i in self.heldout))
+        object.__setattr__(self, "position_fraction", float(self.position_fraction))
+        object.__setattr__(self, "_heldout_set", frozenset(self.heldout))
+        problems = []
+        if self.topk not in TOPK_SAMPLES:
+            problems.append(f"topk must be one of {list(TOPK_SAMPLES)}, got {self.topk!r}")
+        if not 0.0 < self.position_fraction <= 1.0:
+            problems.append(f"position_fraction must be in (0, 1], got {self.position_fraction}")
+        if self.position_sampling not in POSITION_SAMPLING:
+            problems.append(
+                f"position_sampling must be one of {list(POSITION_SAMPLING)}, got {self.position_sampling!r}"
+            )
         if len(set(self.layers)) != len(self.layers):
             problems.append(f"layers repeat: {list(self.layers)}")
         bad = [i for i in self.heldout if not 0 <= i < self.num_samples]
@@ -66,6 +94,36 @@ class KindSpec:
             problems.append(f"heldout ids {bad[:5]} outside [0, {self.num_samples})")
         if problems:
             raise ValueError("Invalid kind spec: " + "; ".join(problems))
+
+    def is_heldout(self, sample_id: int) -> bool:
+        return int(sample_id) in self._heldout_set  # type: ignore[attr-defined]
+
+    def has_topk(self, sample_id: int) -> bool:
+        """Whether the cache stores this sample's top-k."""
+        return self.topk == "all" or (self.topk == "heldout" and self.is_heldout(sample_id))
+
+    @property
+    def kept_length(self) -> int:
+        """Positions stored per training sample: round(length * position_fraction), at least 1."""
+        return (
+            self.length
+            if self.position_fraction >= 1.0
+            else max(1, round(self.length * self.position_fraction))
+        )
+
+    def kept_positions(self, sample_id: int) -> np.ndarray | None:
+        """The sorted token positions (int64 (kept_length,)) whose hidden states sample ``sample_id`` stores;
+        None when it stores all of them (held-out samples, position_fraction 1).
+
+        strided: floor((i + u) * T / K) for i < K, u ~ U[0, 1); random: K distinct positions uniformly,
+        sorted; u and the draw come from ``numpy.random.default_rng([position_seed, sample_id])``.
+        """
+        if self.position_fraction >= 1.0 or self.is_heldout(sample_id):
+            return None
+        count, rng = self.kept_length, np.random.default_rng([self.position_seed, int(sample_id)])
+        if self.position_sampling == "strided":
+            return np.floor((np.arange(count) + rng.random()) * (self.length / count)).astype(np.int64)
+        return np.sort(rng.choice(self.length, size=count, replace=False)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -150,11 +208,12 @@ class CacheSpec:
             for part, (trailing, dtype) in get_codec(self.codec).array_specs(self.hidden_size).items():
                 folder = "hidden" if part == "codes" else f"hidden_{part}"
                 out.append(ArraySpec(f"{kind}/{folder}/{layer}", (n, t, *trailing), dtype, layer, part))
-        out += [
-            ArraySpec(f"{kind}/topk_ids", (n, t, self.top_k), self.topk_dtype),
-            ArraySpec(f"{kind}/topk_logprobs", (n, t, self.top_k), "float16"),
-            ArraySpec(f"{kind}/tail_logmass", (n, t), "float32"),
-        ]
+        if ks.topk != "none":
+            out += [
+                ArraySpec(f"{kind}/topk_ids", (n, t, self.top_k), self.topk_dtype),
+                ArraySpec(f"{kind}/topk_logprobs", (n, t, self.top_k), "float16"),
+                ArraySpec(f"{kind}/tail_logmass", (n, t), "float32"),
+            ]
         return out
 
     def fingerprint(self) -> dict:
@@ -237,10 +296,10 @@ def open_spec(location, attrs: dict | None = None) -> CacheSpec:
     attrs = read_attrs(location) if attrs is None else attrs
     if attrs.get("format") != FORMAT:
         raise ValueError(f"{location.url} is not a longred cache (format={attrs.get('format')!r}).")
-    if attrs.get("format_version") != FORMAT_VERSION:
+    if attrs.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{location.url} has cache format version {attrs.get('format_version')}; "
-            f"this longred reads version {FORMAT_VERSION}."
+            f"this longred reads versions {list(READABLE_VERSIONS)}."
         )
     try:
         return CacheSpec.from_attrs(attrs)

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ._reader import FIELDS, Targets, TeacherCache
+from ._codecs import StoredHidden
+from ._reader import FIELDS, FORMS, Targets, TeacherCache
 
 __all__ = ["TargetStream", "TargetDataset", "collate"]
 
@@ -31,7 +32,7 @@ class TargetStream:
     Args:
         cache: an open ``TeacherCache``.
         kind: ``"short"`` or ``"s2l"``.
-        fields: any of ``("input_ids", "hidden", "topk")``.
+        fields: any of ``("input_ids", "hidden", "topk")``; None: all the kind's training samples store.
         layers: stored layers to decode (default: all of the kind's).
         seed: shuffling seed; shuffle: False keeps shard and sample order.
         rank, world_size: this process's partition (torch.distributed rank).
@@ -39,6 +40,10 @@ class TargetStream:
         epochs: stop after this many epochs (None: cycle forever, incrementing the epoch).
         include_heldout: also yield the cache's held-out samples (evaluation only).
         prefetch: shards decoded ahead by the background thread (0: read in the caller's thread).
+        form: how hidden states come (``FORMS``): "decoded" float32; "stored" or "direction" a
+            ``StoredHidden`` of the stored arrays (int8: 1 byte per value held and collated, not 4), to move
+            to the device as they are and decode there; "direction" leaves out the int8 scales, which a
+            cosine does not need.
 
     Each yielded sample is a dict: ``sample_id`` (int), ``input_ids`` (T,), ``hidden`` {layer: (T, D)},
     ``topk_ids``/``topk_logprobs`` (T, K), ``tail_logmass`` (T,), as selected.
@@ -49,7 +54,7 @@ class TargetStream:
         cache: TeacherCache,
         kind: str,
         *,
-        fields: tuple[str, ...] = FIELDS,
+        fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
         seed: int = 0,
         shuffle: bool = True,
@@ -60,7 +65,10 @@ class TargetStream:
         epochs: int | None = 1,
         include_heldout: bool = False,
         prefetch: int = 2,
+        form: str = "decoded",
     ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}.")
         if not (0 <= rank < world_size and 0 <= worker < num_workers):
             raise ValueError(
                 f"Need 0 <= rank < world_size and 0 <= worker < num_workers; got "
@@ -72,10 +80,12 @@ class TargetStream:
                 f"{cache.url}: {kind} shards {missing[:8]} are incomplete; finish precompute first "
                 f"(rerun the same command) or check with `longred cache info`."
             )
+        if fields is None:
+            fields = FIELDS if cache.spec.kinds[kind].topk == "all" else ("input_ids", "hidden")
         self.cache, self.kind, self.fields, self.shuffle = cache, kind, tuple(fields), shuffle
         self.layers = cache.resolve_layers(kind, layers) if "hidden" in fields else ()
         self.partition, self.partitions = rank * num_workers + worker, world_size * num_workers
-        self.epochs, self.prefetch = epochs, prefetch
+        self.epochs, self.prefetch, self.form = epochs, prefetch, form
         self.heldout = set() if include_heldout else set(cache.spec.kinds[kind].heldout)
         self.seed, self.epoch, self.position = int(seed), 0, 0
 
@@ -136,7 +146,7 @@ class TargetStream:
         return out
 
     def _read(self, shard: int) -> Targets:
-        return self.cache.read_shard(self.kind, shard, fields=self.fields, layers=self.layers)
+        return self.cache.read_shard(self.kind, shard, fields=self.fields, layers=self.layers, form=self.form)
 
     def _shards(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[Targets, np.ndarray]]:
         if self.prefetch <= 0:
@@ -191,13 +201,16 @@ class TargetDataset(torch.utils.data.IterableDataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack samples into a batch: tensors gain a leading B axis; ``sample_id`` becomes a (B,) tensor."""
+    """Stack samples into a batch: tensors (and ``StoredHidden``) gain a leading B axis; ``sample_id``
+    becomes a (B,) tensor. Stored codes stay stored: the batch holds them as the cache does."""
     batch: dict = {"sample_id": torch.tensor([s["sample_id"] for s in samples])}
     for name in samples[0]:
         if name == "hidden":
-            batch["hidden"] = {
-                k: torch.stack([s["hidden"][k] for s in samples]) for k in samples[0]["hidden"]
-            }
+            batch["hidden"] = {k: _stack([s["hidden"][k] for s in samples]) for k in samples[0]["hidden"]}
         elif name != "sample_id":
             batch[name] = torch.stack([s[name] for s in samples])
     return batch
+
+
+def _stack(items: list) -> torch.Tensor | StoredHidden:
+    return StoredHidden.stack(items) if isinstance(items[0], StoredHidden) else torch.stack(items)

@@ -22,6 +22,9 @@ def cache_info(url: str) -> dict:
             "num_samples": ks.num_samples,
             "heldout_samples": len(ks.heldout),
             "layers": list(ks.layers),
+            "topk": ks.topk,
+            "position_fraction": ks.position_fraction,
+            "position_sampling": ks.position_sampling,
             "shards": spec.num_shards(kind),
             "complete_shards": len(complete),
             "missing_shards": cache.missing_shards(kind),
@@ -74,7 +77,7 @@ def verify_cache(url: str) -> list[ShardProblem]:
             problems += found
             if found or len(intact) < len(arrays):
                 continue
-            try:
+            try:  # what every sample stores; checksums above cover mixed shards' top-k too
                 targets = cache.read_shard(kind, shard)
             except CacheCorruptionError as err:
                 problems.append(ShardProblem(kind, shard, None, str(err)))

@@ -84,7 +84,12 @@ class CacheWriter:
             wait_for(self.location, spec, wait_s)
         self._open_or_create(overwrite)
         self._arrays = {kind: spec.arrays(kind) for kind in spec.kinds}
-        self._zarr = {a.path: self._group[a.path] for arrays in self._arrays.values() for a in arrays}
+        # all-zero chunks (samples that store no top-k) are written too, so every shard object exists
+        self._zarr = {
+            a.path: self._group[a.path].with_config({"write_empty_chunks": True})
+            for arrays in self._arrays.values()
+            for a in arrays
+        }
         self._complete = {
             kind: self.location.completed_shards(kind, spec.num_shards(kind)) for kind in spec.kinds
         }
@@ -185,9 +190,9 @@ class CacheWriter:
         sample_ids: torch.Tensor | np.ndarray | list[int],
         input_ids: torch.Tensor,
         hidden: dict[str, torch.Tensor],
-        topk_ids: torch.Tensor,
-        topk_logprobs: torch.Tensor,
-        tail_logmass: torch.Tensor,
+        topk_ids: torch.Tensor | None = None,
+        topk_logprobs: torch.Tensor | None = None,
+        tail_logmass: torch.Tensor | None = None,
     ) -> None:
         """Add a batch of targets; full shards are written in the background.
 
@@ -195,9 +200,13 @@ class CacheWriter:
             kind: ``"short"`` or ``"s2l"``.
             sample_ids: (B,) distinct sample ids in [0, num_samples).
             input_ids: (B, T) token ids.
-            hidden: layer name -> (B, T, D) float hidden states, exactly the kind's layers; they are
-                encoded with the cache's codec on their own device before the copy to the host.
-            topk_ids: (B, T, K) token ids; topk_logprobs: (B, T, K); tail_logmass: (B, T).
+            hidden: layer name -> (B, T, D) float hidden states at every position, exactly the kind's
+                layers; each sample's positions outside ``KindSpec.kept_positions`` are zeroed (stored as
+                zeros, which Zstd all but removes), then all is encoded with the cache's codec on its own
+                device before the copy to the host.
+            topk_ids: (B, T, K) token ids; topk_logprobs: (B, T, K); tail_logmass: (B, T); required when
+                a sample of the batch stores its top-k (``KindSpec.has_topk``), else None (or ignored:
+                only the samples that store a top-k keep it).
 
         Raises:
             ValueError: naming the field and sample when a shape, dtype, range or value is wrong, or a
@@ -205,20 +214,29 @@ class CacheWriter:
         """
         self._raise_background_error()
         ids = self._check_batch(kind, sample_ids, input_ids, hidden, topk_ids, topk_logprobs, tail_logmass)
+        keep_BT = self._kept_mask(kind, ids, next(iter(hidden.values())).device)
         encoded = {}
         for layer, states in hidden.items():
-            for part, codes in self.codec.encode(states.detach()).items():
+            states = states.detach() if keep_BT is None else states.detach() * keep_BT.unsqueeze(-1)
+            for part, codes in self.codec.encode(states).items():
                 folder = "hidden" if part == "codes" else f"hidden_{part}"
                 encoded[f"{kind}/{folder}/{layer}"] = codes
-        values = {
-            f"{kind}/input_ids": input_ids,
-            **encoded,
-            f"{kind}/topk_ids": topk_ids,
-            f"{kind}/topk_logprobs": topk_logprobs,
-            f"{kind}/tail_logmass": tail_logmass,
-        }
+        values = {f"{kind}/input_ids": input_ids, **encoded}
+        topk_B = np.array([self.spec.kinds[kind].has_topk(sample) for sample in ids])
+        if topk_B.any():
+            values |= {
+                f"{kind}/topk_ids": topk_ids,
+                f"{kind}/topk_logprobs": topk_logprobs,
+                f"{kind}/tail_logmass": tail_logmass,
+            }
         dtypes = {a.path: a.dtype for a in self._arrays[kind]}
         host = {path: _as_dtype(_to_numpy(v), dtypes[path]) for path, v in values.items()}
+        if topk_B.any() and not topk_B.all():  # samples that store no top-k keep zeros (a copy, not in place)
+            for name in ("topk_ids", "topk_logprobs", "tail_logmass"):
+                array = host[f"{kind}/{name}"]
+                host[f"{kind}/{name}"] = np.where(
+                    topk_B.reshape(-1, *[1] * (array.ndim - 1)), array, 0
+                ).astype(array.dtype)
         by_shard: dict[int, list[int]] = {}
         for row, sample in enumerate(ids):
             by_shard.setdefault(sample // self.spec.shard_samples, []).append(row)
@@ -231,7 +249,8 @@ class CacheWriter:
                     f"{kind}: sample {buffer.sample_ids.start + int(repeated[0])} was already added."
                 )
             for array in self._arrays[kind]:
-                buffer.arrays[array.path][offsets] = host[array.path][rows]
+                if array.path in host:
+                    buffer.arrays[array.path][offsets] = host[array.path][rows]
             buffer.filled[offsets] = True
             if buffer.filled.all():
                 self._submit(kind, shard, self._buffers.pop((kind, shard)))
@@ -275,6 +294,19 @@ class CacheWriter:
             arrays = {a.path: np.zeros((len(ids), *a.shape[1:]), dtype=a.dtype) for a in self._arrays[kind]}
             self._buffers[key] = _ShardBuffer(arrays, ids)
         return self._buffers[key]
+
+    def _kept_mask(self, kind: str, ids: list[int], device: torch.device) -> torch.Tensor | None:
+        """(B, T) 1.0 at the positions each sample stores, 0.0 elsewhere; None when all are stored."""
+        ks = self.spec.kinds[kind]
+        kept = [ks.kept_positions(sample) for sample in ids]
+        if all(positions is None for positions in kept):
+            return None
+        keep_BT = torch.ones(len(ids), ks.length)
+        for row, positions in enumerate(kept):
+            if positions is not None:
+                keep_BT[row] = 0.0
+                keep_BT[row, torch.from_numpy(positions)] = 1.0
+        return keep_BT.to(device)
 
     def _submit(self, kind: str, shard: int, buffer: _ShardBuffer) -> None:
         self._slots.acquire()
@@ -321,9 +353,20 @@ class CacheWriter:
             raise ValueError(f"{kind}: hidden must hold layers {list(ks.layers)}, got {list(hidden)}.")
         for layer, states in hidden.items():
             _check_tensor(kind, f"hidden[{layer}]", states, (b, t, d), integer=False, ids=ids)
-        _check_tensor(kind, "topk_ids", topk_ids, (b, t, k), integer=True, ids=ids, high=self.spec.vocab_size)
-        _check_tensor(kind, "topk_logprobs", topk_logprobs, (b, t, k), integer=False, ids=ids)
-        _check_tensor(kind, "tail_logmass", tail_logmass, (b, t), integer=False, ids=ids, allow_neg_inf=True)
+        need = [i for i in ids if ks.has_topk(i)]
+        given = [x is not None for x in (topk_ids, topk_logprobs, tail_logmass)]
+        if need and not all(given):
+            raise ValueError(
+                f"{kind}: samples {need[:5]} store their top-k ({kind} topk={ks.topk!r}); pass topk_ids, "
+                "topk_logprobs and tail_logmass."
+            )
+        if need:
+            high = self.spec.vocab_size
+            _check_tensor(kind, "topk_ids", topk_ids, (b, t, k), integer=True, ids=ids, high=high)
+            _check_tensor(kind, "topk_logprobs", topk_logprobs, (b, t, k), integer=False, ids=ids)
+            _check_tensor(
+                kind, "tail_logmass", tail_logmass, (b, t), integer=False, ids=ids, allow_neg_inf=True
+            )
         return ids
 
 

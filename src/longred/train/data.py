@@ -10,6 +10,12 @@
   online or mix-cpt with `short_corpus`) cuts them as precompute would (`cut_samples`), keeps them in
   `out/data/` beside the long windows, and reads them like the long windows.
 
+Cached hidden states stay as stored until the device: the cache streams hand over `StoredHidden` in form
+"direction" (int8: the codes alone, 1 byte per value; the per-token scale cancels in the cosine losses),
+collated as they are, moved to the device as int8 and only there cast for the loss. Against the float32
+decode on the host this holds a quarter of the bytes in the prefetched shards and batches, and the reader
+delivers about 15x more values per core-second (`longred bench reader`, README).
+
 Every stream is resumable from `{"seed", "epoch", "position"}`; `Streams.state_dict` gathers them.
 A long window is dealt to ranks by striding (rank r takes items r, r + W, ... of the epoch's permutation)
 and s2l position ids are drawn for the whole global batch from a generator seeded by (seed, step,
@@ -22,6 +28,7 @@ Legend: N windows, B batch rows, T tokens, D hidden size, K top-k.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +39,7 @@ import torch
 from longred.base.io import atomic_write
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples
-from longred.storage import HiddenCodec, TargetStream, TeacherCache, collate
+from longred.storage import HiddenCodec, StoredHidden, TargetStream, TeacherCache, collate
 from longred.train.config import TrainConfig
 from longred.train.positions import PositionSampler
 
@@ -180,6 +187,8 @@ class Streams:
     def __init__(self, streams: dict) -> None:
         self.streams = streams
         self._iterators: dict[str, Iterator[dict]] = {}
+        self.read_s = 0.0
+        """Seconds spent in `batch` (waiting for the streams and collating), summed over calls."""
 
     @classmethod
     def build(
@@ -201,6 +210,12 @@ class Streams:
         if cache is not None and config.method != "long-cpt":
             offline = config.distils and config.teacher_mode == "offline"
             topk = ("topk",) if config.s2l_kl_weight > 0 else ()
+            if offline and topk and cache.spec.kinds["s2l"].topk != "all":
+                raise ValueError(
+                    f"s2l_kl_weight={config.s2l_kl_weight} needs the s2l samples' top-k, and {cache.url} "
+                    f"stores none (s2l topk={cache.spec.kinds['s2l'].topk!r}); precompute with s2l_topk "
+                    "(--s2l-topk), or set s2l_kl_weight to 0."
+                )
             fields = {
                 "short": ("input_ids", "hidden") if offline else ("input_ids",),
                 "s2l": ("input_ids", "hidden", *topk) if offline else ("input_ids",),
@@ -216,6 +231,7 @@ class Streams:
                     rank=rank,
                     world_size=world_size,
                     epochs=None,
+                    form="direction",
                 )
                 if len(streams[kind]) == 0:  # an empty partition would cycle through empty epochs forever
                     raise ValueError(
@@ -227,9 +243,12 @@ class Streams:
 
     def batch(self, name: str, size: int) -> dict:
         """The next `size` samples of a stream, collated (tensors gain a leading B axis)."""
+        start = time.perf_counter()
         if name not in self._iterators:
             self._iterators[name] = iter(self.streams[name])
-        return collate([next(self._iterators[name]) for _ in range(size)])
+        batch = collate([next(self._iterators[name]) for _ in range(size)])
+        self.read_s += time.perf_counter() - start
+        return batch
 
     def state_dict(self) -> dict:
         return {name: stream.state_dict() for name, stream in self.streams.items()}
@@ -271,8 +290,10 @@ class MicroBatch:
         position_ids_BT: int64 (B, T) (skipped for s2l distillation, 0..T-1 otherwise).
         labels_BT: int64 (B, T or T + 1) token ids to predict (cross-entropy), else None; with T + 1 columns
             the input's last position predicts the extra token.
-        targets: the teacher's targets (distillation), else None: "hidden" {layer: (B, T, D) float32},
-            "topk_ids" (B, T, K), "topk_logprobs" (B, T, K), "tail_logmass" (B, T).
+        targets: the teacher's targets (distillation), else None: "hidden" {layer: (B, T, D) float tensor
+            or `StoredHidden` (cached, as stored)}, "positions" (B, K) int64 when the cache stores only K
+            positions per short sample (then "hidden" holds those K), and for the s2l KL "topk_ids"
+            (B, T, K), "topk_logprobs" (B, T, K), "tail_logmass" (B, T).
     """
 
     stream: str
@@ -296,32 +317,32 @@ class OnlineTargets:
     """The frozen teacher computing distillation targets live (teacher_mode online).
 
     Args:
-        capture: {stream: callable(input_ids_BT) -> CapturedTargets} (precompute's `TeacherCapture` with the
-            stream's layers and the cache's top-k).
-        codec: round hidden states through this codec and top-k log-probs through float16, exactly as the
-            cache stores them; None keeps the teacher's full precision.
+        capture: {stream: callable(input_ids_BT) -> CapturedTargets} (the `TeacherCapture` of the stream's
+            layers, with a top-k only where a loss reads one: s2l with s2l_kl_weight > 0).
+        codec: round hidden states through this codec (on the device) and top-k log-probs through
+            float16, exactly as the cache stores them; None keeps the teacher's full precision.
     """
 
     def __init__(self, capture: dict, *, codec: HiddenCodec | None) -> None:
         self.capture, self.codec = capture, codec
 
     def __call__(self, stream: str, input_ids_BT: torch.Tensor) -> dict:
-        """Targets for a batch, on the teacher's device, as float32 like the cache reader's."""
+        """Targets for a batch, on the teacher's device: float32 hidden states, top-k when captured."""
         out = self.capture[stream](input_ids_BT)
-        hidden = {name: self._round(h) for name, h in out.hidden.items()}
-        logprobs = out.topk_logprobs.half().float() if self.codec is not None else out.topk_logprobs.float()
-        return {
-            "hidden": hidden,
-            "topk_ids": out.topk_ids,
-            "topk_logprobs": logprobs,
-            "tail_logmass": out.tail_logmass.float(),
-        }
+        targets: dict = {"hidden": {name: self._round(h) for name, h in out.hidden.items()}}
+        if out.topk_ids is not None:
+            logprobs = out.topk_logprobs.half() if self.codec is not None else out.topk_logprobs
+            targets |= {
+                "topk_ids": out.topk_ids,
+                "topk_logprobs": logprobs.float(),
+                "tail_logmass": out.tail_logmass.float(),
+            }
+        return targets
 
     def _round(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         if self.codec is None:
             return hidden_BTD.float()
-        arrays = {k: v.cpu().numpy() for k, v in self.codec.encode(hidden_BTD).items()}
-        return self.codec.decode(arrays).to(hidden_BTD.device)
+        return StoredHidden(self.codec, self.codec.encode(hidden_BTD)).decode()
 
 
 def _to(value: torch.Tensor | dict, device: torch.device) -> torch.Tensor | dict:

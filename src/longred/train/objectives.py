@@ -14,7 +14,12 @@ as packed sequences. The loss is computed inside `forward` because DDP and FSDP2
 prepares its gradient reduction there, and FSDP2 gathers the root's parameters (embeddings, final norm,
 lm_head) only for the duration of the root's forward.
 
-Legend: B batch, T tokens, D hidden size, V vocabulary, K top-k.
+Cached teacher states arrive as stored (`StoredHidden`, int8 codes for the int8 codecs) and become the
+cosine's teacher operand only here, on the device (`_teacher_states`). When the cache keeps only some
+positions of each short sample, the student still reads the whole text and L_short averages over exactly
+the kept positions (`targets["positions"]`).
+
+Legend: B batch, T tokens, D hidden size, V vocabulary, K top-k, P kept positions.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from longred.ops.inputs import model_inputs
 from longred.ops.layers import LayerTap, check_layers
 from longred.ops.losses import chunked_cross_entropy, cosine_distill_loss, topk_kl_loss
+from longred.storage import StoredHidden
 
 __all__ = ["StudentObjectives", "OBJECTIVES"]
 
@@ -96,8 +102,10 @@ class StudentObjectives(nn.Module):
             position_ids_BT: int64 (B, T).
             objective: "ce", "short" or "s2l".
             labels_BT: for "ce", int64 (B, T) or (B, T + 1) token ids; position t predicts column t + 1.
-            targets: for "short"/"s2l", {"hidden": {layer: (B, T, D)}, and for the KL "topk_ids" (B, T, K),
-                "topk_logprobs" (B, T, K), "tail_logmass" (B, T)}.
+            targets: for "short"/"s2l", {"hidden": {layer: (B, T, D) tensor or `StoredHidden`}, for a
+                cache storing P positions per short sample "positions" (B, P) int64 (then "hidden" is
+                (B, P, D)), and for the KL "topk_ids" (B, T, K), "topk_logprobs" (B, T, K),
+                "tail_logmass" (B, T)}.
 
         Returns:
             fp32 scalar.
@@ -115,10 +123,14 @@ class StudentObjectives(nn.Module):
             )
         if objective == "short":
             hidden = self.hidden_states(input_ids_BT, position_ids_BT, layers=self.layers)
-            return sum(cosine_distill_loss(hidden[name], targets["hidden"][name]) for name in self.layers)
+            positions_BP = targets.get("positions")
+            return sum(
+                cosine_distill_loss(_at(hidden[name], positions_BP), _teacher_states(targets["hidden"][name]))
+                for name in self.layers
+            )
         if objective == "s2l":
             (final_BTD,) = self.hidden_states(input_ids_BT, position_ids_BT).values()
-            loss = cosine_distill_loss(final_BTD, targets["hidden"]["final"])
+            loss = cosine_distill_loss(final_BTD, _teacher_states(targets["hidden"]["final"]))
             if self.s2l_kl_weight > 0:
                 loss = loss + self.s2l_kl_weight * topk_kl_loss(
                     final_BTD,
@@ -130,3 +142,16 @@ class StudentObjectives(nn.Module):
                 )
             return loss
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+
+
+def _teacher_states(value: torch.Tensor | StoredHidden) -> torch.Tensor:
+    """The cosine's teacher operand: a float tensor as given, or a cached layer's direction (int8: its
+    codes, cast on the device; exact, |code| <= 127, and the positive per-token scale cancels)."""
+    return value.direction(torch.float32) if isinstance(value, StoredHidden) else value
+
+
+def _at(hidden_BTD: torch.Tensor, positions_BP: torch.Tensor | None) -> torch.Tensor:
+    """The student's states at each row's kept positions (B, P, D); all of them when None."""
+    if positions_BP is None:
+        return hidden_BTD
+    return hidden_BTD.gather(1, positions_BP.unsqueeze(-1).expand(-1, -1, hidden_BTD.shape[-1]))

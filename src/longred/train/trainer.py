@@ -184,9 +184,11 @@ class Trainer:
         if online:
             top_k = self.cache.spec.top_k if self.cache is not None else (cfg.top_k or DEFAULT_TOP_K)
             codec = self.cache.codec if cfg.online_rounding else None
+            # only the s2l KL reads a top-k: otherwise the teacher's lm_head never runs
+            s2l_top_k = top_k if cfg.s2l_kl_weight > 0 else None
             capture = {
-                "short": TeacherCapture(self.teacher, layers=self.layers, top_k=top_k),
-                "s2l": TeacherCapture(self.teacher, layers=("final",), top_k=top_k),
+                "short": TeacherCapture(self.teacher, layers=self.layers, top_k=None),
+                "s2l": TeacherCapture(self.teacher, layers=("final",), top_k=s2l_top_k),
             }
             self.online = OnlineTargets(capture, codec=codec)
 
@@ -348,6 +350,7 @@ class Trainer:
             "time_s": round(self.time_s, 3),
             "step_times_s": [round(t, 4) for t in step_times],
             "peak_mem_mb": peak_memory_mb(self.dist.device),
+            "reader_s_per_step": round(self.streams.read_s / max(len(step_times), 1), 5),
             "effective_weights": self.weights,
             "world_size": self.dist.world_size,
             "device": str(self.dist.device),
@@ -409,6 +412,7 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> dict:
 
     Returns:
         {"steps", "tokens", "time_s", "step_times_s" (this invocation's steps), "peak_mem_mb",
+        "reader_s_per_step" (mean seconds per step spent waiting for and collating the sample streams),
         "effective_weights", "world_size", "device", "model", "metrics", "resumed_from"}.
 
     Raises:
