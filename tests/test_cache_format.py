@@ -51,7 +51,7 @@ def test_layout_and_attributes(tmp_path):
     spec = tiny_spec("int8")
     write_cache(url, spec)
     g = zarr.open_group(url, mode="r")
-    assert g.attrs["format"] == "longred-teacher-cache" and g.attrs["format_version"] == 1
+    assert g.attrs["format"] == "longred-teacher-cache" and g.attrs["format_version"] == 2
     assert "final = after" in g.attrs["layer_numbering"].replace("'", "")
     assert g["short/topk_ids"].dtype == np.uint16 and g["short/topk_logprobs"].dtype == np.float16
     assert g["short/hidden/1"].shape == (10, 12, 16) and g["short/hidden/1"].dtype == np.int8

@@ -18,7 +18,8 @@ from ._codecs import get_codec
 __all__ = ["FORMAT", "FORMAT_VERSION", "KINDS", "KindSpec", "CacheSpec", "ArraySpec", "open_spec"]
 
 FORMAT = "longred-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the `split` attribute (which documents each kind was cut from, which are held out)."""
 KINDS = ("short", "s2l")
 TEACHER_POSITIONS = "0..T-1"
 
@@ -81,6 +82,10 @@ class CacheSpec:
     shard_samples: int = 64
     extra: dict = field(default_factory=dict)
     """Anything else that produced the targets (precompute settings); part of the fingerprint."""
+    split: dict = field(default_factory=dict)
+    """The document split: its rule and parameters, the corpora, whether documents start with BOS,
+    and "documents": {"short", "s2l", "heldout"} -> content hashes of the documents each was cut
+    from (FORMAT.md); part of the fingerprint."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -181,6 +186,7 @@ def open_spec(location) -> CacheSpec:
     if attrs.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{location.url} has cache format version {attrs.get('format_version')}; "
-            f"this longred reads version {FORMAT_VERSION}."
+            f"this longred reads version {FORMAT_VERSION} (version 2 added the document split). "
+            "Rebuild it with `longred precompute` (--overwrite to replace it in place)."
         )
     return CacheSpec.from_attrs(attrs)
