@@ -152,3 +152,19 @@ def test_bos_follows_the_tokenizer_unless_set(tiny_teacher_dir):
         SampleSpec(short_len=32, short_samples=4, heldout=0, s2l_samples=0, bos="always"), tokenizer
     )
     assert record["bos"] is True
+
+
+def test_the_split_rule_is_the_one_format_md_spells_out():
+    import hashlib
+
+    def spelled_out(text: str, seed: int, share: float) -> bool:
+        d = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        key = hashlib.sha256(f"longred-split-v1\0heldout\0{seed}\0{d}".encode()).digest()
+        return int.from_bytes(key[:8], "big") / 2**64 < share
+
+    texts = list(islice(embedded_documents("prose"), 200))
+    for seed, share in ((0, 0.05), (3, 0.5)):
+        split = DocumentSplit(seed=seed, heldout_share=share)
+        chosen = [split.is_heldout(document_sha256(t)) for t in texts]
+        assert chosen == [spelled_out(t, seed, share) for t in texts]
+        assert 0.5 * share < sum(chosen) / len(texts) < 1.5 * share
