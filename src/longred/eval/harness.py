@@ -62,7 +62,8 @@ class HarnessSettings:
     dtype: str = "float32"
     seed: int = 0
     limit: int | None = None
-    """At most this many samples per task (for RULER: per length), the first ones; None: all."""
+    """At most this many samples per lm-eval task (for RULER: per length), the first ones; None: all.
+    The shipped local tasks are sized when written (`prepare_local_tasks`) and always run whole."""
     ruler_lengths: tuple[int, ...] = ()
     """RULER prompt lengths in tokens (lm-eval's `max_seq_lengths`)."""
     tokenizer: str | None = None
@@ -259,7 +260,9 @@ def lm_eval_command(settings: HarnessSettings, *, model: str) -> str:
     if settings.max_gen_toks is not None:
         parts.append(f"--gen_kwargs max_gen_toks={settings.max_gen_toks}")
     if settings.limit is not None:
-        parts.append(f"# and --samples: the first {settings.limit} of each task (of each length for RULER)")
+        parts.append(
+            f"# and --samples: the first {settings.limit} of each lm-eval task (of each RULER length)"
+        )
     return " ".join(parts)
 
 
@@ -284,8 +287,8 @@ class HarnessTasks:
 def load_tasks(settings: HarnessSettings) -> HarnessTasks:
     """Build the tasks once (RULER generates its data here) and choose their samples.
 
-    With `settings.limit`, each leaf task evaluates its first `limit` documents (for RULER, of each
-    length: its documents carry `max_length`).
+    With `settings.limit`, each leaf task but the shipped ones evaluates its first `limit` documents (for
+    RULER, of each length: its documents carry `max_length`).
 
     Raises:
         ImportError: lm-eval is not installed (`pip install longred[eval]`).
@@ -312,6 +315,8 @@ def load_tasks(settings: HarnessSettings) -> HarnessTasks:
     if settings.limit is not None:
         samples = {}
         for name, task in leaves.items():
+            if name in LOCAL_TASKS:
+                continue
             groups: dict[Any, list[int]] = {}
             for index, doc in enumerate(task.eval_docs):
                 key = doc.get("max_length") if isinstance(doc, dict) else None

@@ -108,11 +108,14 @@ class EvalConfig:
     (built from held-out documents of the short corpus), RULER's niah_single_1 (offline), or Hub
     tasks by name (mmlu, hellaswag, ...; need a network). None: no lm-eval."""
     lm_eval_limit: int | None = None
-    """At most this many samples per lm-eval task (per length for RULER), the first ones; None: all."""
+    """At most this many samples per lm-eval task (per length for RULER), the first ones; None: all.
+    The shipped tasks always run whole: size them with lm_eval_documents and lm_eval_cloze."""
     lm_eval_max_length: int | None = None
     """lm-eval's max_length, equal for every model; None: long_len."""
     lm_eval_documents: int = 16
     """Held-out documents of the short corpus the shipped tasks are built from."""
+    lm_eval_cloze: int = 64
+    """Questions of the shipped cloze task."""
     ruler_lengths: list[int] | None = None
     """RULER prompt lengths (inside and beyond the original window); None: passkey_lengths."""
     lm_eval_max_gen_toks: int | None = None
@@ -148,6 +151,8 @@ class EvalConfig:
         for name in ("lm_eval_limit", "lm_eval_max_length", "lm_eval_max_gen_toks"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (or omitted), got {getattr(self, name)}")
+        if self.lm_eval_cloze < 1:
+            problems.append(f"lm_eval_cloze must be >= 1, got {self.lm_eval_cloze}")
         if self.lm_eval_documents < 2:
             problems.append(f"lm_eval_documents must be >= 2, got {self.lm_eval_documents}")
         if self.heldout_share is not None and not 0.0 < self.heldout_share < 1.0:
@@ -331,7 +336,12 @@ def _harness_settings(
         ]
         check_not_trained_on(config.model, read.digests, what="lm-eval task documents")
         include_path = str(
-            prepare_local_tasks(Path(config.out) / "lm_eval_tasks", documents, seed=config.seed)
+            prepare_local_tasks(
+                Path(config.out) / "lm_eval_tasks",
+                documents,
+                seed=config.seed,
+                cloze_items=config.lm_eval_cloze,
+            )
         )
     return HarnessSettings(
         tasks=tuple(config.lm_eval_tasks),
