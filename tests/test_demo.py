@@ -24,7 +24,11 @@ def test_smoke_demo_end_to_end(tmp_path, capsys):
     assert all(r["short_kl"] > 0 for r in trained), "training moves the student away from the teacher"
     for name in ("report.md", "drift.png", "long_loss.png", "passkey.png", "lm_eval.png"):
         assert (out / "report" / name).is_file(), name
-    assert "| longred-c |" in table and "| docs word ppl | cloze acc |" in table and "original window 64 tokens" in results["meta"]["miniature"]
+    assert (
+        "| longred-c |" in table
+        and "| docs word ppl | cloze acc |" in table
+        and "original window 64 tokens" in results["meta"]["miniature"]
+    )
     for method in PRESETS["smoke"].methods:  # every method trained from the one cache
         (config_file,) = (out / "runs" / method / "checkpoints").glob("step-*/config.json")
         config = json.loads(config_file.read_text())

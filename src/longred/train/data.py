@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longred.base.io import atomic_write
 from longred.corpus.documents import iter_documents
 from longred.corpus.split import DocumentSplit
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples
@@ -209,9 +209,7 @@ def _tokenized_once(
         arrays, record = build()
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
-            scratch = folder / f".{name}-{os.getpid()}.npy"
-            np.save(scratch, array)
-            scratch.replace(folder / f"{name}.npy")
+            atomic_write(folder / f"{name}.npy", lambda stream, array=array: np.save(stream, array))
         meta_file.write_text(json.dumps({"meta": meta, "arrays": sorted(arrays), "record": record}))
     barrier()
     names = json.loads(meta_file.read_text())["arrays"]
