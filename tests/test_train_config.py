@@ -43,6 +43,8 @@ FLAGS = {
     "--long-field",
     "--long-packing",
     "--long-samples",
+    "--split-seed",
+    "--heldout-share",
     "--layers",
     "--long-batch",
     "--short-batch",

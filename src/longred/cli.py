@@ -62,7 +62,24 @@ def _cache_info(args: argparse.Namespace) -> int:
             f"layers {','.join(k['layers'])}; shards {k['complete_shards']}/{k['shards']} complete"
             + (f", missing {missing[:10]}{'...' if len(missing) > 10 else ''}" if missing else "")
         )
+    for line in _split_lines(info["split"]):
+        print(line)
     return 0
+
+
+def _split_lines(split: dict) -> list[str]:
+    """`cache info`'s account of the document split: the rule, each kind's corpus and documents."""
+    if not split:
+        return ["split      none recorded"]
+    lines = [
+        f"split      {split['rule']}: seed {split['seed']}, {split['heldout_share']:.1%} of documents held "
+        f"out by content hash; documents start with BOS: {'yes' if split['bos'] else 'no'}"
+    ]
+    for kind, digests in split["documents"].items():
+        corpus = split["corpora"].get("short" if kind == "heldout" else kind, {}).get("corpus", "?")
+        first = f", first {digests[0][:12]}" if digests else ""
+        lines.append(f"  {kind:<8} {len(digests)} documents of {corpus}{first}")
+    return lines
 
 
 def _cache_verify(args: argparse.Namespace) -> int:

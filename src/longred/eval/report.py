@@ -49,6 +49,8 @@ def write_report(
         plots["long_loss.png"] = _long_figure
     if any(result["details"]["passkey"] for result in models.values()):
         plots["passkey.png"] = _passkey_figure
+    if _harness_columns(models):
+        plots["lm_eval.png"] = _harness_figure
     for name, plot in plots.items():
         plot(models).savefig(folder / name, format="png", dpi=110)
     (folder / "report.md").write_text(render_markdown(models, meta=meta, plots=list(plots)), encoding="utf-8")
@@ -141,6 +143,7 @@ def render_markdown(
             for length in lengths
         ]
         lines += _table(["length", *passkey_models], rows)
+    lines += _harness_lines(models)
     lines += ["", "## Seconds per section", ""]
     sections = _union(s for r in models.values() for s in r["details"]["seconds"])
     rows = [
@@ -150,6 +153,56 @@ def render_markdown(
     lines += _table(["model", *sections], rows)
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _harness_columns(models: dict[str, dict[str, Any]]) -> dict[str, dict]:
+    """label -> lm-eval scores {task: {metric: value}}; the teacher's from the first model that carries
+    them when no model is labelled "teacher"."""
+    columns = {label: r["lm_eval"]["scores"] for label, r in models.items() if r.get("lm_eval")}
+    if columns and "teacher" not in columns:
+        teacher = next((r["lm_eval"]["teacher_scores"] for r in models.values() if r.get("lm_eval")), None)
+        if teacher is not None:
+            columns = {"teacher": teacher, **columns}
+    return columns
+
+
+def _harness_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """lm-evaluation-harness scores beside the project's own measures, and the paper-style retention."""
+    columns = _harness_columns(models)
+    if not columns:
+        return []
+    harness = next(r["lm_eval"] for r in models.values() if r.get("lm_eval"))
+    rows = []
+    for task, metric in _union((t, m) for scores in columns.values() for t, ms in scores.items() for m in ms):
+        rows.append([task, metric, *(_num(c.get(task, {}).get(metric), ".4f") for c in columns.values())])
+    summaries = {label: r["lm_eval"]["summary"] for label, r in models.items() if r.get("lm_eval")}
+    for key, name in (
+        ("average", "short-text benchmark average"),
+        ("retention", "retention (avg / teacher's)"),
+        ("ruler_average", "RULER average"),
+    ):
+        cells = []
+        for label in columns:
+            summary = summaries.get(label)
+            value = None if summary is None else summary[key]
+            if summary is None and label == "teacher":
+                value = {"average": harness["summary"]["teacher_average"], "retention": 1.0}.get(key)
+            cells.append(_percent(value) if key == "retention" else _num(value, ".4f"))
+        rows.append([name, "", *cells])
+    settings = harness["settings"]
+    averaged = ", ".join(f"{task} {metric}" for task, metric in harness["summary"]["tasks"].items())
+    return [
+        "",
+        "## lm-evaluation-harness",
+        "",
+        f"- settings for every model: dtype {settings['dtype']}, batch size {settings['batch_size']}, "
+        f"max_length {settings['max_length']}, seed {settings['seed']}, limit {settings['limit']}"
+        + (f", RULER lengths {list(settings['ruler_lengths'])}" if settings["ruler_lengths"] else ""),
+        f"- averaged per model: {averaged or '-'}",
+        f"- reproduce: `{harness['command']}`",
+        "",
+        *_table(["task", "metric", *columns], rows),
+    ]
 
 
 def _num(value: float | None, spec: str, suffix: str = "") -> str:
@@ -239,5 +292,23 @@ def _passkey_figure(models: dict[str, dict[str, Any]]) -> Figure:
     axes.set_ylabel("greedy accuracy")
     axes.set_ylim(-0.05, 1.05)
     axes.set_title("Passkey retrieval by length")
+    axes.legend(fontsize="small")
+    return figure
+
+
+def _harness_figure(models: dict[str, dict[str, Any]]) -> Figure:
+    """Each task's first higher-is-better score (and RULER by length), one bar group per task."""
+    columns = _harness_columns(models)
+    harness = next(r["lm_eval"] for r in models.values() if r.get("lm_eval"))
+    keys = [(t, m) for t, m in harness["summary"]["tasks"].items()]
+    keys += _union((t, m) for c in columns.values() for t, ms in c.items() for m in ms if m.isdigit())
+    figure, (axes,) = _figure(1, width=max(7.0, 1.2 * len(keys)))
+    width = 0.8 / max(1, len(columns))
+    for number, (label, scores) in enumerate(columns.items()):
+        values = [scores.get(t, {}).get(m, 0.0) for t, m in keys]
+        axes.bar([x + number * width for x in range(len(keys))], values, width=width, label=label)
+    axes.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], [f"{t}\n{m}" for t, m in keys])
+    axes.set_ylabel("score (higher is better)")
+    axes.set_title("lm-evaluation-harness")
     axes.legend(fontsize="small")
     return figure

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.urls import check_urls
-from longred.corpus.windows import PACKINGS, SampleSpec
+from longred.corpus.windows import BOS_CHOICES, PACKINGS, SampleSpec
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K
 from longred.storage import CODECS, POSITION_SAMPLING, TOPK_SAMPLES
 
@@ -29,6 +29,11 @@ class PrecomputeConfig:
     """Text/JSONL/Parquet file, folder, saved HF dataset, or embedded:prose / embedded:source."""
     field: str = _SAMPLES.field
     """JSONL field or Parquet/dataset column holding the text."""
+    s2l_corpus: str | None = _SAMPLES.s2l_corpus
+    """Corpus of the short-to-long texts (the paper takes them from a general pre-training corpus);
+    None: `corpus`, with the s2l texts cut from documents disjoint from the short texts'."""
+    s2l_field: str | None = _SAMPLES.s2l_field
+    """Field or column of `s2l_corpus`; None: `field`."""
     short_len: int = _SAMPLES.short_len
     """Tokens per short-distillation sample (T_s; 1/8 of the original window in the paper)."""
     short_samples: int = _SAMPLES.short_samples
@@ -65,6 +70,18 @@ class PrecomputeConfig:
     """Samples per zarr shard."""
     seed: int = _SAMPLES.seed
     """Sample order and document windows."""
+    split_seed: int = _SAMPLES.split_seed
+    """Key of the document split (which documents are held out), independent of `seed`; training and
+    evaluation must use the same one (they read it from the cache)."""
+    heldout_share: float = _SAMPLES.heldout_share
+    """Share of documents held out from every training stream (decided per document by a keyed hash);
+    the `heldout` samples are cut from them."""
+    s2l_share: float | None = _SAMPLES.s2l_share
+    """With one corpus for both kinds: share of its training documents dealt to s2l; None: s2l's share
+    of the requested tokens."""
+    bos: str = _SAMPLES.bos
+    """Start every document with the tokenizer's BOS token: always, never, or auto (what the tokenizer
+    does for ordinary text: on for Llama-3, off for SmolLM2)."""
     overwrite: bool = False
     """Replace an existing cache made from other inputs instead of refusing it."""
 
@@ -73,6 +90,7 @@ class PrecomputeConfig:
         "packing": PACKINGS,
         "short_topk": TOPK_SAMPLES,
         "short_position_sampling": POSITION_SAMPLING,
+        "bos": BOS_CHOICES,
     }
 
     def __post_init__(self) -> None:
@@ -86,6 +104,14 @@ class PrecomputeConfig:
             problems.append(f"short_positions must be in (0, 1], got {self.short_positions}")
         if not self.layers:
             problems.append("layers must name at least one layer")
+        if not 0.0 <= self.heldout_share < 1.0:
+            problems.append(f"heldout_share must be in [0, 1), got {self.heldout_share}")
+        if self.heldout and not self.heldout_share:
+            problems.append(f"heldout={self.heldout} samples need heldout_share > 0 (held-out documents)")
+        if self.s2l_share is not None and not 0.0 < self.s2l_share < 1.0:
+            problems.append(f"s2l_share must be in (0, 1) or None, got {self.s2l_share}")
+        if self.s2l_field is not None and self.s2l_corpus is None:
+            problems.append("s2l_field applies to s2l_corpus; set s2l_corpus too (or drop s2l_field)")
         problems += check_urls(self, stores=("out",), folders=())
         check(problems, "precompute")
 
@@ -101,4 +127,10 @@ class PrecomputeConfig:
             s2l_samples=self.s2l_samples,
             packing=self.packing,
             seed=self.seed,
+            s2l_corpus=self.s2l_corpus,
+            s2l_field=self.s2l_field,
+            split_seed=self.split_seed,
+            heldout_share=self.heldout_share,
+            s2l_share=self.s2l_share,
+            bos=self.bos,
         )

@@ -37,12 +37,13 @@ def distributed_rank() -> tuple[int, int]:
 def build_spec_and_samples(
     config: PrecomputeConfig, tokenizer, model_config, teacher_dir
 ) -> tuple[CacheSpec, dict]:
-    """The cache spec (fingerprint) and the token ids of every sample of every kind."""
+    """The cache spec (fingerprint, with the document split record) and the token ids of every sample
+    of every kind."""
     layers = check_layers(config.layers, model_config.num_hidden_layers)
     check_trained_window(
         {"short_len": config.short_len, "s2l_len": config.s2l_len if config.s2l_samples else 0}, model_config
     )
-    samples = cut_samples(config.sample_spec(), tokenizer)
+    samples, split = cut_samples(config.sample_spec(), tokenizer)
     kinds = {
         "short": KindSpec(
             length=config.short_len,
@@ -74,6 +75,7 @@ def build_spec_and_samples(
         codec={"name": config.codec},
         shard_samples=config.shard_samples,
         extra={"packing": config.packing, "seed": config.seed, "field": config.field},
+        split=split,
     )
     return spec, samples
 

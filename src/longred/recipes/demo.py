@@ -23,9 +23,10 @@ import torch
 
 from longred.base.io import atomic_write_json
 from longred.base.logs import LOG
-from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import HEADLINE_KEYS, evaluate_model
+from longred.eval.harness import HarnessSettings, harness_result, load_tasks, prepare_local_tasks, run_harness
+from longred.eval.heldout import ReadDocuments, check_not_trained_on, evaluation_split, heldout_documents
 from longred.eval.passkey import make_passkey_cases
 from longred.eval.report import write_report
 from longred.eval.short_text import load_short_texts
@@ -40,9 +41,9 @@ __all__ = ["DemoPreset", "PRESETS", "run_demo"]
 
 SHORT_CORPUS = "embedded:prose"
 LONG_CORPUS = "embedded:source"
-EVAL_SKIP_DOCUMENTS = 400
-"""Held-out long texts and passkey haystacks start this many source files in (sorted by path); training
-reads its long windows from the first files, far fewer than these."""
+LM_EVAL_KEYS = ("docs_word_ppl", "cloze_acc", "bench_retention", "ruler_acc")
+"""lm-eval's columns: word perplexity of whole held-out documents (longred_heldout_ppl), cloze accuracy,
+the paper-style retention (benchmark average / the teacher's) and RULER niah_single_1 accuracy."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +73,18 @@ class DemoPreset:
     eval_long_samples: int
     passkey_lengths: tuple[int, ...]
     passkey_trials: int
+    lm_eval_tasks: tuple[str, ...] = ("longred_heldout_ppl", "longred_cloze", "niah_single_1")
+    """lm-evaluation-harness tasks run on every model (empty: none; needs `.[eval]`)."""
+    lm_eval_documents: int = 16
+    """Held-out prose documents the shipped tasks are built from."""
+    lm_eval_cloze: int = 64
+    ruler_lengths: tuple[int, ...] = (512, 1024)
+    """niah_single_1 lengths: the original window's 2x and the extended window (the shortest RULER
+    fits with its 128 answer tokens reserved)."""
+    lm_eval_limit: int = 8
+    """RULER samples per length."""
+    lm_eval_max_gen_toks: int = 16
+    """Generated tokens per RULER answer (its 7-digit numbers need fewer)."""
 
 
 QUICK = DemoPreset(
@@ -111,6 +124,9 @@ PRESETS = {
         eval_long_samples=4,
         passkey_lengths=(512, 1024, 2048),
         passkey_trials=8,
+        lm_eval_documents=32,
+        lm_eval_cloze=128,
+        ruler_lengths=(512, 1024, 2048),
     ),
     "smoke": dataclasses.replace(
         QUICK,
@@ -131,6 +147,9 @@ PRESETS = {
         eval_long_samples=1,
         passkey_lengths=(192, 256),
         passkey_trials=2,
+        lm_eval_tasks=("longred_heldout_ppl", "longred_cloze"),  # RULER's data takes a minute to build
+        lm_eval_documents=3,
+        lm_eval_cloze=4,
     ),
 }
 
@@ -227,43 +246,87 @@ def _train_config(p: DemoPreset, method: str, teacher_dir: Path, cache: str, fol
 
 
 def _evaluate(p: DemoPreset, teacher_dir: Path, cache: str, runs: dict, *, progress: bool) -> dict:
+    """Every model on the same held-out texts: the cache's held-out short samples, long texts and passkey
+    haystacks from source files the split holds out (checked against each run's long stream), lm-eval."""
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_model(teacher_dir).requires_grad_(False)
-    short_texts = load_short_texts(TeacherCache(cache))
+    cache_obj = TeacherCache(cache)
+    split = evaluation_split(split_seed=None, heldout_share=None, recorded=cache_obj.spec.split)
+    long_read = ReadDocuments(heldout_documents(LONG_CORPUS, field="text", split=split))
     long_NT = build_samples(
-        _eval_documents(),
-        tokenizer,
-        length=p.extended_len,
-        num_samples=p.eval_long_samples,
-        corpus=LONG_CORPUS,
+        long_read, tokenizer, length=p.extended_len, num_samples=p.eval_long_samples, corpus=LONG_CORPUS
     ).input_ids_NT
+    passkey_read = ReadDocuments(heldout_documents(LONG_CORPUS, field="text", split=split))
     cases = make_passkey_cases(
-        _eval_documents(), tokenizer, lengths=p.passkey_lengths, trials=p.passkey_trials, corpus=LONG_CORPUS
+        passkey_read, tokenizer, lengths=p.passkey_lengths, trials=p.passkey_trials, corpus=LONG_CORPUS
     )
+    for run in runs.values():
+        check_not_trained_on(run["model"], long_read.digests + passkey_read.digests, what="long texts")
     shared = dict(
-        short_texts=short_texts,
+        short_texts=load_short_texts(cache_obj),
         teacher_model=teacher,
         long_samples_NT=torch.from_numpy(long_NT).long(),
         passkey_cases=cases,
         progress=progress,
     )
+    harness = _harness(p, teacher_dir, cache_obj, split, runs, out=Path(cache).parent / "lm_eval_tasks")
+    teacher_scores = None
+
+    def measure(model, model_dir: str) -> dict:
+        nonlocal teacher_scores
+        result = evaluate_model(model, **shared)
+        if harness is not None:
+            settings, tasks = harness
+            scores = run_harness(model, tokenizer, settings, tasks=tasks)
+            teacher_scores = teacher_scores or scores  # the teacher is measured first
+            result["lm_eval"] = harness_result(
+                scores, teacher=teacher_scores, settings=settings, model=model_dir
+            )
+        return result
+
+    models = {"teacher": measure(teacher, str(teacher_dir))}
     extended = load_model(teacher_dir, rope=p.rope, max_position_embeddings=p.extended_len)
-    models = {
-        "teacher": evaluate_model(teacher, **shared),
-        "extended (no training)": evaluate_model(extended, **shared),
-    }
+    models["extended (no training)"] = measure(extended, f"{teacher_dir} with {p.rope}")
     del extended
     for method, run in runs.items():
-        models[method] = evaluate_model(load_model(run["model"]), **shared)
+        models[method] = measure(load_model(run["model"]), run["model"])
     return models
 
 
-def _eval_documents():
-    return itertools.islice(iter_documents(LONG_CORPUS), EVAL_SKIP_DOCUMENTS, None)
+def _harness(p: DemoPreset, teacher_dir: Path, cache: TeacherCache, split, runs: dict, *, out: Path):
+    """(settings, tasks) of the preset's lm-eval run, the shipped tasks built from held-out prose
+    documents (checked against every run's training record); None without lm-eval tasks."""
+    if not p.lm_eval_tasks:
+        return None
+    corpus = cache.spec.split["corpora"]["short"]
+    read = ReadDocuments(heldout_documents(corpus["corpus"], field=corpus["field"], split=split))
+    documents = list(itertools.islice((text for text in read if text.strip()), p.lm_eval_documents))
+    for run in runs.values():
+        check_not_trained_on(run["model"], read.digests, what="lm-eval documents")
+    settings = HarnessSettings(
+        tasks=p.lm_eval_tasks,
+        include_path=str(prepare_local_tasks(out, documents, cloze_items=p.lm_eval_cloze)),
+        max_length=p.extended_len,
+        limit=p.lm_eval_limit,
+        ruler_lengths=p.ruler_lengths if "niah_single_1" in p.lm_eval_tasks else (),
+        tokenizer=str(teacher_dir),
+        max_gen_toks=p.lm_eval_max_gen_toks,
+    )
+    return settings, load_tasks(settings)
 
 
 def _headline(result: dict) -> dict:
-    return {key: result[key] for key in HEADLINE_KEYS}
+    headline = {key: result[key] for key in HEADLINE_KEYS}
+    harness = result.get("lm_eval")
+    if harness is not None:
+        scores = harness["scores"]
+        headline |= {
+            "docs_word_ppl": scores.get("longred_heldout_ppl", {}).get("word_perplexity"),
+            "cloze_acc": scores.get("longred_cloze", {}).get("acc"),
+            "bench_retention": harness["summary"]["retention"],
+            "ruler_acc": harness["summary"]["ruler_average"],
+        }
+    return headline
 
 
 def _mapping(p: DemoPreset) -> str:
@@ -277,9 +340,12 @@ def _mapping(p: DemoPreset) -> str:
 
 def format_table(results: dict) -> str:
     """The paper's Table 3 in miniature: one row per model."""
-    header = "| model | short ppl | retention | short KL | long ppl | passkey | hidden cos |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
     rows = {"teacher": results["teacher"], **results["runs"]}
+    harness = "docs_word_ppl" in results["teacher"]
+    header = "| model | short ppl | retention | short KL | long ppl | passkey | hidden cos |"
+    if harness:
+        header += " docs word ppl | cloze acc | bench retention | RULER |"
+    lines = [header, "|" + "---|" * (len(header.split("|")) - 2)]
     for name, r in rows.items():
         cells = [
             _fmt(r["short_ppl"], ".2f"),
@@ -289,6 +355,13 @@ def format_table(results: dict) -> str:
             _fmt(r["passkey_acc"], ".0%"),
             _fmt(r["hidden_cos_mean"], ".4f"),
         ]
+        if harness:
+            cells += [
+                _fmt(r["docs_word_ppl"], ".2f"),
+                _fmt(r["cloze_acc"], ".1%"),
+                _fmt(r["bench_retention"], ".1%"),
+                _fmt(r["ruler_acc"], ".0%"),
+            ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -34,8 +34,10 @@ __all__ = [
 
 FORMAT = "longred-teacher-cache"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""Version 2 added the kinds' ``topk`` and ``position_*`` fields; version 1 caches read as their defaults."""
+"""2: the `split` attribute (which documents each kind was cut from, which are held out) and the kinds'
+``topk`` and ``position_*`` fields."""
+READABLE_VERSIONS = (2,)
+"""Version 1 caches hold no document split (their held-out windows may be inside training texts)."""
 KINDS = ("short", "s2l")
 TOPK_SAMPLES = ("all", "heldout", "none")
 POSITION_SAMPLING = ("strided", "random")
@@ -154,6 +156,10 @@ class CacheSpec:
     shard_samples: int = 64
     extra: dict = field(default_factory=dict)
     """Anything else that produced the targets (precompute settings); part of the fingerprint."""
+    split: dict = field(default_factory=dict)
+    """The document split: its rule and parameters, the corpora, whether documents start with BOS,
+    and "documents": {"short", "s2l", "heldout"} -> content hashes of the documents each was cut
+    from (FORMAT.md); part of the fingerprint."""
 
     def __post_init__(self) -> None:
         problems = _integers(
@@ -299,7 +305,8 @@ def open_spec(location, attrs: dict | None = None) -> CacheSpec:
     if attrs.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{location.url} has cache format version {attrs.get('format_version')}; "
-            f"this longred reads versions {list(READABLE_VERSIONS)}."
+            f"this longred reads version {FORMAT_VERSION} (version 2 added the document split). "
+            "Rebuild it with `longred precompute` (--overwrite to replace it in place)."
         )
     try:
         return CacheSpec.from_attrs(attrs)

@@ -45,6 +45,7 @@ def cache_info(url: str) -> dict:
         "created_at": cache.attrs.get("created_at"),
         "longred_version": cache.attrs.get("longred_version"),
         "extra": spec.extra,
+        "split": spec.split,
     }
 
 

@@ -89,6 +89,11 @@ class TrainConfig:
     """pack: documents joined with EOS and cut; document: one window per long-enough document."""
     long_samples: int = 1024
     """Long windows tokenized once (kept in out/data/); the stream cycles through them."""
+    split_seed: int | None = None
+    """Key of the document split (`longred.corpus.split`): documents it holds out are never read by the
+    long stream (nor by short_corpus's texts). None: the cache's split, else precompute's default (0)."""
+    heldout_share: float | None = None
+    """Share of documents the split holds out. None: the cache's, else precompute's default (0.05)."""
     layers: list[str] | None = None
     """Distilled short-text layers, a subset of the cache's (default: all stored; with short_corpus:
     precompute's default layers)."""
@@ -212,6 +217,8 @@ class TrainConfig:
         problems += at_least(self, 1, *given)
         if self.short_corpus is not None and self.method == "long-cpt":
             problems.append("short_corpus is unused: method long-cpt trains on long texts only")
+        if self.heldout_share is not None and not 0.0 <= self.heldout_share < 1.0:
+            problems.append(f"heldout_share must be in [0, 1), got {self.heldout_share}")
         if self.cache is not None and self.short_corpus is not None:
             problems.append("set cache or short_corpus, not both (a cache holds its own short and s2l texts)")
         if self.cache is None and self.method != "long-cpt":

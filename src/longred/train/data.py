@@ -3,8 +3,9 @@
 - `long`: long texts from a corpus, tokenized once by precompute's corpus module into `long_samples`
   windows of T_long + 1 tokens (T_long inputs, each predicting the next token) and kept as one .npy in
   `out/data/` (memory-mapped, so ranks share the page cache and a resumed run does not re-tokenize:
-  16K windows of 32K tokens are 2 GiB of int32). The cost of the simple design is that the windows come
-  from the head of the corpus (see precompute/corpus.py).
+  16K windows of 32K tokens are 2 GiB of int32). Only documents the run's split does not hold out are
+  read (`corpus/split.py`; the cache's split by default), and `out/data/long.json` records their content
+  hashes. The cost of the simple design is that the windows come from the head of the corpus.
 - `short` and `s2l`: the cache's samples through `TeacherCache.stream` (its token ids, never
   re-tokenized; partitioned per rank by shard, shuffled, resumable). A cacheless run (teacher_mode
   online or mix-cpt with `short_corpus`) cuts them as precompute would (`cut_samples`), keeps them in
@@ -27,6 +28,7 @@ Legend: N windows, B batch rows, T tokens, D hidden size, K top-k.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,7 @@ import torch
 
 from longred.base.io import atomic_write
 from longred.corpus.documents import iter_documents
+from longred.corpus.split import DocumentSplit
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples
 from longred.storage import HiddenCodec, StoredHidden, TargetStream, TeacherCache, collate
 from longred.train.config import TrainConfig
@@ -46,6 +49,7 @@ from longred.train.positions import PositionSampler
 __all__ = [
     "WindowStream",
     "long_windows",
+    "run_split",
     "short_corpus_source",
     "short_windows",
     "Streams",
@@ -99,14 +103,45 @@ class WindowStream:
             self.epoch, self.position = self.epoch + 1, 0
 
 
+def run_split(config: TrainConfig, cache: TeacherCache | None) -> DocumentSplit:
+    """The run's document split: the config's `split_seed` / `heldout_share`, else the cache's, else
+    `SampleSpec`'s defaults.
+
+    Raises:
+        ValueError: the config sets a split other than the cache's (its held-out texts would then be
+            chosen by another rule than the long stream's).
+    """
+    recorded = cache.spec.split if cache is not None else {}
+    defaults = SampleSpec()
+    seed = recorded.get("seed", defaults.split_seed) if config.split_seed is None else config.split_seed
+    share = recorded.get("heldout_share", defaults.heldout_share)
+    share = share if config.heldout_share is None else config.heldout_share
+    if recorded and (seed, share) != (recorded["seed"], recorded["heldout_share"]):
+        raise ValueError(
+            f"split_seed={seed}, heldout_share={share} differ from the cache's split (seed "
+            f"{recorded['seed']}, heldout_share {recorded['heldout_share']}); drop them to use the cache's."
+        )
+    return DocumentSplit(seed=seed, heldout_share=share)
+
+
 def long_windows(
-    config: TrainConfig, tokenizer, *, folder: Path, rank: int, barrier: Callable[[], None]
+    config: TrainConfig,
+    tokenizer,
+    *,
+    folder: Path,
+    rank: int,
+    barrier: Callable[[], None],
+    split: DocumentSplit | None = None,
 ) -> np.ndarray:
-    """The run's long windows (long_samples, long_len + 1), tokenized once by rank 0 and memory-mapped.
+    """The run's long windows (long_samples, long_len + 1), cut from the documents `split` does not hold
+    out, tokenized once by rank 0 and memory-mapped. `folder/long.json` records the split and the content
+    hashes of the documents read ("record": {"split", "documents"}), which `longred eval` checks its
+    held-out long texts against.
 
     Raises:
         ValueError: the corpus has too little text (from `build_samples`).
     """
+    split = split or run_split(config, None)
     meta = {
         "corpus": config.long_corpus,
         "field": config.long_field,
@@ -115,19 +150,26 @@ def long_windows(
         "packing": config.long_packing,
         "seed": config.seed,
         "vocab_size": len(tokenizer),
+        "split": split.to_dict(),
     }
 
-    def build() -> dict[str, np.ndarray]:
+    def build() -> tuple[dict[str, np.ndarray], dict]:
+        documents = split.select(
+            iter_documents(config.long_corpus, field=config.long_field), role="long", kinds=("long",)
+        )
         windows = build_samples(
-            iter_documents(config.long_corpus, field=config.long_field),
+            documents,
             tokenizer,
             length=config.long_len + 1,
             num_samples=config.long_samples,
             mode=config.long_packing,
             seed=config.seed,
-            corpus=config.long_corpus,
+            corpus=f"{config.long_corpus} (documents split seed {split.seed} does not hold out)",
         )
-        return {"long": windows.input_ids_NT}
+        return {"long": windows.input_ids_NT}, {
+            "split": split.to_dict(),
+            "documents": list(windows.documents),
+        }
 
     return _tokenized_once(folder, "long", meta, build, rank=rank, barrier=barrier)["long"]
 
@@ -135,7 +177,7 @@ def long_windows(
 def short_corpus_source(config: TrainConfig) -> SampleSpec:
     """The sample settings that cut a cacheless run's short and s2l texts from `short_corpus` (unset
     ones take precompute's defaults, so a cache precomputed with the same settings holds the same)."""
-    lengths = ("short_len", "short_samples", "s2l_len", "s2l_samples")
+    lengths = ("short_len", "short_samples", "s2l_len", "s2l_samples", "split_seed", "heldout_share")
     chosen = {name: getattr(config, name) for name in lengths if getattr(config, name) is not None}
     return SampleSpec(
         corpus=config.short_corpus, field=config.short_field, heldout=0, seed=config.seed, **chosen
@@ -146,9 +188,8 @@ def short_windows(
     source: SampleSpec, tokenizer, *, folder: Path, rank: int, barrier: Callable[[], None]
 ) -> dict[str, np.ndarray]:
     """{"short", "s2l"} token windows of a cacheless run: the samples `longred precompute` with `source`
-    would store, cut once by rank 0 and memory-mapped."""
-    settings = ("corpus", "field", "short_len", "short_samples", "s2l_len", "s2l_samples", "packing", "seed")
-    meta = {name: getattr(source, name) for name in settings} | {"vocab_size": len(tokenizer)}
+    would store, cut once by rank 0 and memory-mapped (`folder/short.json` keeps the split record)."""
+    meta = dataclasses.asdict(source) | {"vocab_size": len(tokenizer)}
     return _tokenized_once(
         folder, "short", meta, lambda: cut_samples(source, tokenizer), rank=rank, barrier=barrier
     )
@@ -158,24 +199,25 @@ def _tokenized_once(
     folder: Path,
     group: str,
     meta: dict,
-    build: Callable[[], dict[str, np.ndarray]],
+    build: Callable[[], tuple[dict[str, np.ndarray], dict]],
     *,
     rank: int,
     barrier: Callable[[], None],
 ) -> dict[str, np.ndarray]:
     """Arrays built by rank 0 into folder/NAME.npy unless `folder/GROUP.json` records the same `meta`;
-    every rank memory-maps them after the barrier."""
+    every rank memory-maps them after the barrier. `build` returns the arrays and a record (which
+    documents they were cut from) that GROUP.json keeps beside the meta."""
     meta_file = folder / f"{group}.json"
     stored = json.loads(meta_file.read_text()) if meta_file.is_file() else None
     current = stored is not None and stored["meta"] == meta
     current = current and all((folder / f"{name}.npy").is_file() for name in stored["arrays"])
     if rank == 0 and not current:
         meta_file.unlink(missing_ok=True)  # never a new meta beside old arrays, nor old meta beside new ones
-        arrays = build()
+        arrays, record = build()
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
             atomic_write(folder / f"{name}.npy", lambda stream, array=array: np.save(stream, array))
-        meta_file.write_text(json.dumps({"meta": meta, "arrays": sorted(arrays)}))
+        meta_file.write_text(json.dumps({"meta": meta, "arrays": sorted(arrays), "record": record}))
     barrier()
     names = json.loads(meta_file.read_text())["arrays"]
     return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}

@@ -41,6 +41,7 @@ from longred.train.data import (
     OnlineTargets,
     Streams,
     long_windows,
+    run_split,
     s2l_position_ids,
     short_corpus_source,
     short_windows,
@@ -213,7 +214,10 @@ class Trainer:
             self.sampler = PositionSampler(
                 kind=_POSITIONS[cfg.method], length=length, extended_length=cfg.window
             )
-        windows = {"long": long_windows(cfg, self.tokenizer, folder=folder, rank=rank, barrier=barrier)}
+        split = run_split(cfg, self.cache)
+        windows = {
+            "long": long_windows(cfg, self.tokenizer, folder=folder, rank=rank, barrier=barrier, split=split)
+        }
         if self.source is not None:
             windows |= short_windows(self.source, self.tokenizer, folder=folder, rank=rank, barrier=barrier)
         self.streams = Streams.build(
