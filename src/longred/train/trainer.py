@@ -56,6 +56,7 @@ from longred.train.student import (
     check_structure,
     load_teacher,
 )
+from longred.train.trainable import apply_config_trainable, save_merged
 
 __all__ = ["Trainer", "run_training"]
 
@@ -90,6 +91,7 @@ class Trainer:
         self._build_models()
         self._build_data()
         self.step, self.tokens, self.time_s = 0, 0, 0.0
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout (lora_dropout); resuming restores the RNG
         if self.resumed_from is not None:
             state = load_checkpoint(self.resumed_from, model=self.model, optimizer=self.optimizer)
             self.streams.load_state_dict(state["streams"])
@@ -129,17 +131,21 @@ class Trainer:
             reference, checked = fingerprint(teacher_dir), teacher_dir
         if reference is not None and self.resumed_from is None and student_dir != checked:
             check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
-        source = self.resumed_from / "model" if self.resumed_from else student_dir
+        # a checkpoint's model/ has the RoPE; a lora one holds the adapter, its base is the initial student
+        from_checkpoint = self.resumed_from is not None and cfg.trainable != "lora"
+        source = self.resumed_from / "model" if from_checkpoint else student_dir
+        self.student_dir = student_dir
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
             source,
-            rope=None if self.resumed_from else cfg.rope,  # a checkpoint's config already has it
+            rope=None if from_checkpoint else cfg.rope,
             window=cfg.window,
             dtype=cfg.dtype,
             device=self.dist.device,
             attn_implementation=cfg.attn_implementation,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
+        self.adapter = apply_config_trainable(self.student, cfg, resumed_from=self.resumed_from)
         self.teacher = load_teacher(teacher_dir, device=self.dist.device) if online else None
         self.layers = self._distilled_layers()
         if cfg.distils:  # without a cache, distillation is online: the teacher is loaded
@@ -159,7 +165,9 @@ class Trainer:
             device=self.dist.device,
             compile=cfg.compile,
         )
-        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(
+            self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer, device=self.dist.device
+        )
         check_structure(student=self.student, optimizer=self.optimizer, teacher=self.teacher)
         self.online = None
         if online:
@@ -316,9 +324,11 @@ class Trainer:
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
             shutil.rmtree(self.out / "model", ignore_errors=True)
-            shutil.copytree(
-                self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out / "model"
-            )
+            last = self.out / "checkpoints" / checkpoint_name(self.step)
+            if self.adapter is None:
+                shutil.copytree(last / "model", self.out / "model")
+            else:
+                self.save_merged(last / "adapter")
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
@@ -355,8 +365,26 @@ class Trainer:
             config=self.config.to_dict(),
             fingerprint=self.fingerprint,
             keep=self.config.keep_checkpoints,
+            adapter=self.adapter,
         )
         self.log(f"checkpoint {checkpoint_name(self.step)} ({self.tokens} tokens, {self.time_s:.1f} s)")
+
+    def save_merged(self, adapter_dir: Path) -> None:
+        """trainable lora: out/model = the initial student (run's RoPE, on the CPU) with the adapter merged,
+        out/adapter = the adapter."""
+        cfg = self.config
+        base = build_student(
+            self.student_dir,
+            rope=cfg.rope,
+            window=cfg.window,
+            dtype=cfg.frozen_dtype or cfg.dtype,
+            device=torch.device("cpu"),
+            attn_implementation=None,
+            gradient_checkpointing=False,
+        )
+        save_merged(base, adapter_dir, self.out / "model", tokenizer=self.tokenizer)
+        shutil.rmtree(self.out / "adapter", ignore_errors=True)
+        shutil.copytree(adapter_dir, self.out / "adapter")
 
     def close(self) -> None:
         if self.streams is not None:
