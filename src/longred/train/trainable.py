@@ -11,12 +11,17 @@
   the base with the adapter merged by peft (`merge_and_unload`), a plain Hugging Face checkpoint, and
   `adapter/` is kept beside it.
 
+`offload_activations` is the activation-offloading memory mode: with gradient checkpointing, the only
+tensors a forward saves outside the checkpointed blocks are the blocks' inputs (and the head's), and
+`torch.autograd.graph.save_on_cpu` keeps them in pinned host memory until the backward needs them.
+
 The LoRA initialisation draws from its own generator seeded by the run's seed (fork_rng), so a run is
 reproducible and the global RNG stream (checkpointed for exact resume) is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import peft
@@ -32,6 +37,7 @@ __all__ = [
     "apply_trainable",
     "apply_config_trainable",
     "cast_frozen",
+    "offload_activations",
     "adapter_state_dict",
     "freeze_to_attention",
     "add_lora",
@@ -107,6 +113,13 @@ def apply_config_trainable(student: nn.Module, config, *, resumed_from: Path | N
     if config.frozen_dtype is not None:
         cast_frozen(student, config.frozen_dtype)
     return adapter
+
+
+def offload_activations(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context of one micro-step's forward: saved tensors go to (pinned, on CUDA) host memory."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
 def cast_frozen(student: nn.Module, dtype: str) -> None:

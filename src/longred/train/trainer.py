@@ -56,7 +56,7 @@ from longred.train.student import (
     check_structure,
     load_teacher,
 )
-from longred.train.trainable import apply_config_trainable, save_merged
+from longred.train.trainable import apply_config_trainable, offload_activations, save_merged
 
 __all__ = ["Trainer", "run_training"]
 
@@ -75,7 +75,7 @@ class Trainer:
     # build -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.dist = Distributed.setup(cfg.device)
+        self.dist = Distributed.setup(cfg.device, single_group=cfg.cpu_offload)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = TeacherCache(cfg.cache) if cfg.cache else None
         self.source = short_corpus_source(cfg) if cfg.short_corpus else None
@@ -164,6 +164,7 @@ class Trainer:
             world_size=world,
             device=self.dist.device,
             compile=cfg.compile,
+            cpu_offload=cfg.cpu_offload,
         )
         self.optimizer = build_optimizer(
             self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer, device=self.dist.device
@@ -271,7 +272,7 @@ class Trainer:
             batch = self.micro_batch(micro.stream, step=self.step, index=index)
             objective = micro.stream if batch.labels_BT is None else "ce"
             with gradient_sync(self.model, sync=index == len(self.plan) - 1):
-                with autocast:
+                with autocast, offload_activations(self.config.activation_offload, self.dist.device):
                     loss = self.model(
                         batch.input_ids_BT,
                         batch.position_ids_BT,
