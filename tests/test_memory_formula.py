@@ -7,7 +7,7 @@ import pytest
 from transformers import LlamaConfig
 
 from longred.benchmarks.memory import count_saved_per_token, projection
-from longred.benchmarks.memory_formula import LLAMA3_8B, Mode, ModelShape, saved_per_token
+from longred.benchmarks.memory_formula import LLAMA3_8B, Mode, ModelShape, estimate, saved_per_token
 
 
 @pytest.mark.parametrize(("hidden", "intermediate", "heads", "kv_heads"), [(64, 128, 4, 2), (128, 96, 8, 8)])
@@ -60,3 +60,25 @@ def test_shape_counts_parameters_and_the_8b_projection():
     assert rows["full+ckpt+cpu-offload"]["fits_80gb"] and rows["full+ckpt+cpu-offload"]["host"] > 120
     assert rows["attention+ckpt"]["fits_80gb"] and rows["lora-r16+ckpt"]["fits_80gb"]
     assert not rows["lora-r64"]["fits_80gb"], "without checkpointing 32K activations do not fit"
+
+
+@pytest.mark.slow  # MemTracker's dispatch: about 3 minutes on 2 shared cores
+@pytest.mark.parametrize("trainable", ["all", "attention", "lora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_formula_is_within_10_percent_of_the_measured_tensor_peak(tiny_teacher_dir, trainable, checkpointing):
+    from longred.benchmarks.memory import _formula_mode, measure_step
+
+    measured = measure_step(
+        model=str(tiny_teacher_dir),
+        trainable=trainable,
+        lora_rank=16,
+        checkpointing=checkpointing,
+        dtype="float32",
+        tokens=128,
+        steps=2,
+        chunk_tokens=64,
+    )
+    name = {"all": "full", "attention": "attention", "lora": "lora-r16"}[trainable]
+    mode = _formula_mode(name, checkpointing=checkpointing, dtype="float32")
+    formula = estimate(ModelShape(**measured["shape"]), mode, tokens=128, chunk_tokens=64)["peak"] / 2**20
+    assert abs(formula / measured["tensor_peak_mb"] - 1) < 0.10

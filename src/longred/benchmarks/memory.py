@@ -135,6 +135,18 @@ def measure_step(
     gc.collect()
     rss_before = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak RSS, to the current RSS
+    times = []
+
+    def step() -> None:
+        start = time.perf_counter()
+        loss = objectives(inputs_BT, positions_BT, objective="ce", labels_BT=labels_BT)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(objectives.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+
+    step()  # untracked: the optimizer state exists from here on (the steady state the tracker measures)
     tracker = MemTracker() if track_tensors else None
     if tracker is not None:
         tracker.track_external(objectives, optimizer)
@@ -142,23 +154,16 @@ def measure_step(
         for p in student.parameters():
             if not p.requires_grad:
                 tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-    times = []
     with tracker if tracker is not None else contextlib.nullcontext():
-        for _ in range(steps):
-            start = time.perf_counter()
-            loss = objectives(inputs_BT, positions_BT, objective="ce", labels_BT=labels_BT)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(objectives.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for _ in range(steps - 1):
+            step()
             if tracker is not None:
                 tracker.reset_mod_stats()  # per-module statistics only; the peak is kept
-            times.append(time.perf_counter() - start)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")] if tracker is not None else {"Total": 0}
     weights = sum(p.numel() * p.element_size() for p in student.parameters())
     rss_step_mb = (_rss_kb("VmHWM") - rss_before) / 1024
     return {
-        "tensor_peak_mb": round(peak["Total"] / MB, 1) if tracker is not None else None,
+        "tensor_peak_mb": round(peak["Total"] / MB, 3) if tracker is not None else None,
         "rss_peak_mb": round(weights / MB + rss_step_mb, 1),
         "tensor_peak_by_kind_mb": {
             str(k.value if hasattr(k, "value") else k): round(v / MB, 1)
