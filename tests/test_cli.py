@@ -10,7 +10,7 @@ from longred.cli import build_parser, main
 
 SUBCOMMANDS = {
     "cache": {"info", "verify"},
-    "bench": {"storage", "precompute", "train", "reader"},
+    "bench": {"storage", "precompute", "train", "reader", "memory"},
     "teacher": {"install"},
     "precompute": None,
     "select-layers": None,

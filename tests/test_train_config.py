@@ -71,6 +71,15 @@ FLAGS = {
     "--keep-checkpoints",
     "--report-to",
     "--push-to-hub",
+    "--trainable",
+    "--lora-rank",
+    "--lora-alpha",
+    "--lora-dropout",
+    "--lora-target-modules",
+    "--frozen-dtype",
+    "--cpu-offload",
+    "--activation-offload",
+    "--optimizer",
 }
 
 
@@ -152,6 +161,7 @@ def test_flag_surface_is_frozen_and_flags_reach_the_config():
     negated = {flag for flag in flags if flag.startswith("--no-")}
     assert flags - {"--help"} - negated == FLAGS, "a new flag is a new promise: add it here on purpose"
     booleans = {"--allow-other-student", "--online-rounding", "--gradient-checkpointing", "--compile"}
+    booleans |= {"--cpu-offload", "--activation-offload"}
     assert negated == {"--no-" + flag[2:] for flag in booleans}
     args = parser.parse_args(
         [
@@ -256,3 +266,29 @@ def test_missing_settings_are_named_as_flags():
         ConfigError, match=r"missing required setting\(s\) --out, --rope, --long-len, --long-corpus"
     ):
         load_config(TrainConfig)
+
+
+def test_memory_settings_are_checked_by_name():
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(
+            **REQUIRED,
+            lora_rank=8,
+            frozen_dtype="bfloat16",
+            cpu_offload=True,
+            activation_offload=True,
+            trainable="all",
+            optimizer="sgd",
+        )
+    for expected in (
+        "optimizer must be one of ['adamw', 'adamw8bit']",
+        "lora_rank apply to trainable lora, not all",
+        "frozen_dtype applies to trainable attention or lora",
+        "cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp, got ddp",
+        "activation_offload offloads the checkpointed block inputs: set gradient_checkpointing",
+    ):
+        assert expected in str(error.value)
+    with pytest.raises(ConfigError, match=r"trainable must be one of \['all', 'attention', 'lora'\]"):
+        TrainConfig(**REQUIRED, trainable="some")
+    lora = TrainConfig(**REQUIRED, trainable="lora", lora_target_modules="q_proj, v_proj")
+    assert lora.lora_modules == ["q_proj", "v_proj"]
+    assert TrainConfig(**REQUIRED, trainable="lora").lora_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]

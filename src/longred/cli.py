@@ -330,6 +330,18 @@ def _add_bench_commands(commands) -> None:
     bench_reader.add_argument("--cache", default=None, help="cache to read (default: precompute one)")
     bench_reader.add_argument("--samples", type=int, default=64, help="short samples to precompute")
     bench_reader.add_argument("--length", type=int, default=512, help="tokens per sample")
+    bench_memory = _bench_parser(
+        bench,
+        "memory",
+        help="peak memory per trainable mode vs the README's formula; its Llama-3-8B 32K projection",
+        benchmark="longred.benchmarks.memory:run_memory_benchmark",
+    )
+    bench_memory.add_argument("--tokens", type=int, default=512, help="tokens per micro-batch (SmolLM2)")
+    bench_memory.add_argument("--big-tokens", type=int, default=256, help="tokens per micro-batch (1B)")
+    bench_memory.add_argument("--steps", type=int, default=2, help="optimizer steps per mode (>= 2)")
+    bench_memory.add_argument(
+        "--big", action=argparse.BooleanOptionalAction, default=True, help="also the random 1B model"
+    )
 
 
 def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

@@ -3,6 +3,7 @@
 One checkpoint is one folder `out/checkpoints/step-NNNNNN/`:
 
     model/          the student (save_pretrained: config.json with the extended RoPE, safetensors) + tokenizer
+                    (trainable lora: adapter/ instead, peft's adapter files + tokenizer; the base is frozen)
     optimizer.pt    AdamW state as a full, parameter-name-keyed state dict (any world size can read it)
     rng.pt          each rank's torch RNG states (CPU and CUDA)
     state.json      step, tokens, time_s, world_size, each rank's stream positions, effective weights
@@ -34,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from longred.train.config import RESUMABLE_CHANGES
+from longred.train.student import check_optimizer_state
+from longred.train.trainable import adapter_state_dict
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "check_resumable", "checkpoint_name"]
 
@@ -93,6 +96,7 @@ def save_checkpoint(
     config: dict,
     fingerprint: dict | None,
     keep: int,
+    adapter: nn.Module | None = None,
 ) -> None:
     """Write a checkpoint (collective: every rank calls it; rank 0 writes).
 
@@ -104,11 +108,16 @@ def save_checkpoint(
         state: JSON-able run state (step, tokens, time_s, ...); this rank's `streams` are added per rank.
         config, fingerprint: the resolved config and the cache's fingerprint.
         keep: checkpoints kept (older ones deleted).
+        adapter: trainable lora's peft wrapper of `student`: its adapter is saved (adapter/) instead of
+            the whole student (model/); the frozen base is the initial student.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # tied weights (lm_head = embed_tokens) are stored once, as save_pretrained does
     tied = set(student.all_tied_weights_keys)
-    model_sd = {k: v for k, v in get_model_state_dict(student, options=_FULL).items() if k not in tied}
+    if adapter is None:
+        model_sd = {k: v for k, v in get_model_state_dict(student, options=_FULL).items() if k not in tied}
+    else:
+        model_sd = adapter_state_dict(adapter)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     rng = {
         "cpu": torch.get_rng_state(),
@@ -120,7 +129,8 @@ def save_checkpoint(
     else:
         per_rank = [{"streams": streams, "rng": rng}]
     if rank == 0:
-        expected = set(student.state_dict()) - tied
+        check_optimizer_state(optim_sd, student=student)  # no state for frozen parameters
+        expected = set(student.state_dict()) - tied if adapter is None else set(model_sd)
         if set(model_sd) != expected:
             raise RuntimeError(
                 f"Checkpoint tensors differ from the student's: {sorted(set(model_sd) ^ expected)[:5]}"
@@ -129,8 +139,9 @@ def save_checkpoint(
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             scratch.mkdir(parents=True)
-            student.save_pretrained(scratch / "model", state_dict=model_sd)
-            tokenizer.save_pretrained(scratch / "model")
+            weights = scratch / ("model" if adapter is None else "adapter")
+            (student if adapter is None else adapter).save_pretrained(weights, state_dict=model_sd)
+            tokenizer.save_pretrained(weights)
             torch.save(optim_sd, scratch / "optimizer.pt")
             torch.save([r["rng"] for r in per_rank], scratch / "rng.pt")
             (scratch / "config.json").write_text(json.dumps(config, indent=1))

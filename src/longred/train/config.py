@@ -24,6 +24,10 @@ METHODS = ("longred-c", "longred-u", "long-cpt", "mix-cpt")
 """LongReD with CREAM / uniform skipped positions; long-text-only and mixed-text continual pre-training."""
 RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "report_to", "push_to_hub"})
 """Settings a rerun on the same `out` may change; any other difference refuses to resume."""
+TRAINABLE = ("all", "attention", "lora")
+"""Which student parameters train (longred.train.trainable)."""
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""The attention projections of Llama, Mistral, Qwen2/3 blocks (module names inside `self_attn`)."""
 SHORT_CORPUS_SETTINGS = ("short_len", "short_samples", "s2l_len", "s2l_samples", "top_k")
 """How the texts are cut from short_corpus (`longred precompute`'s settings of the same names)."""
 
@@ -157,6 +161,29 @@ class TrainConfig:
     report_to: str = "none"
     """Experiment tracking: none, tensorboard (out/tensorboard), wandb, trackio or mlflow (extras)."""
 
+    # memory (README "Memory") ----------------------------------------------------------------------
+    trainable: str = "all"
+    """all (full fine-tuning), attention (only the q/k/v/o projections; the paper's PET) or lora (peft
+    adapters; the final model/ is merged, adapter/ beside it)."""
+    lora_rank: int = 16
+    """trainable lora: rank r of every adapter."""
+    lora_alpha: float = 32.0
+    """trainable lora: scaling alpha (the update is alpha / r * B A)."""
+    lora_dropout: float = 0.0
+    """trainable lora: dropout on the adapters' input."""
+    lora_target_modules: list[str] | None = None
+    """trainable lora: module names adapted (default: q_proj,k_proj,v_proj,o_proj)."""
+    frozen_dtype: str | None = None
+    """Dtype of the frozen parameters (trainable attention or lora): bfloat16 halves them while the
+    trainable ones keep `dtype` and fp32 AdamW state; needs CUDA (bf16 autocast). Default: dtype."""
+    cpu_offload: bool = False
+    """parallel fsdp: FSDP2 CPUOffloadPolicy (parameters, gradients and AdamW state in host memory)."""
+    activation_offload: bool = False
+    """With gradient_checkpointing: keep the checkpointed block inputs in (pinned) host memory."""
+    optimizer: str = "adamw"
+    """adamw (torch, state in the parameters' dtype) or adamw8bit (bitsandbytes, CUDA only: 2 bytes of
+    state per parameter instead of 8)."""
+
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS,
         "combine": ("weighted", "interleaved"),
@@ -166,6 +193,8 @@ class TrainConfig:
         "parallel": ("ddp", "fsdp"),
         "dtype": ("float32", "bfloat16"),
         "report_to": REPORT_TO,
+        "trainable": TRAINABLE,
+        "optimizer": ("adamw", "adamw8bit"),
     }
 
     def __post_init__(self) -> None:
@@ -204,7 +233,38 @@ class TrainConfig:
             problems.append(f"rope: {err}")
         problems += self._objective_problems()
         problems += check_urls(self, stores=("cache",), folders=("out",))
+        problems += self._memory_problems()
         check(problems, "train")
+
+    def _memory_problems(self) -> list[str]:
+        if self.lora_target_modules is not None:
+            self.lora_target_modules = list(comma_list(self.lora_target_modules))
+        problems = at_least(self, 1, "lora_rank")
+        if self.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        lora_set = [
+            name
+            for name in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+            if getattr(self, name) != _DEFAULTS[name]
+        ]
+        if lora_set and self.trainable != "lora":
+            problems.append(f"{', '.join(lora_set)} apply to trainable lora, not {self.trainable}")
+        if self.frozen_dtype is not None:
+            if self.frozen_dtype not in ("float32", "bfloat16"):
+                problems.append(f"frozen_dtype must be float32 or bfloat16, got {self.frozen_dtype!r}")
+            if self.trainable == "all":
+                problems.append("frozen_dtype applies to trainable attention or lora (all trains everything)")
+        if self.cpu_offload and self.parallel != "fsdp":
+            problems.append(
+                f"cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp, got {self.parallel}"
+            )
+        if self.activation_offload and not self.gradient_checkpointing:
+            problems.append(
+                "activation_offload offloads the checkpointed block inputs: set gradient_checkpointing"
+            )
+        return problems
 
     def _objective_problems(self) -> list[str]:
         problems = []
@@ -279,6 +339,14 @@ class TrainConfig:
         """Whether short and s2l texts are distilled (LongReD) rather than trained with cross-entropy."""
         return self.method in ("longred-c", "longred-u")
 
+    @property
+    def lora_modules(self) -> list[str]:
+        """The module names LoRA adapts."""
+        return self.lora_target_modules or list(ATTENTION_PROJECTIONS)
+
     def to_dict(self) -> dict:
         """The resolved settings, JSON- and YAML-able (the RoPE spec as its canonical string)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"rope": str(self.rope)}
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name.startswith("lora_")}

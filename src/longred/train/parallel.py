@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["Distributed", "parallelize", "gradient_sync", "unwrap"]
@@ -40,8 +46,11 @@ class Distributed:
     """Whether `setup` initialised the process group (and `close` must destroy it)."""
 
     @classmethod
-    def setup(cls, device: str | None = None) -> Distributed:
-        """Join torchrun's process group when WORLD_SIZE > 1; pick cuda:LOCAL_RANK or the given device."""
+    def setup(cls, device: str | None = None, *, single_group: bool = False) -> Distributed:
+        """Join torchrun's process group when WORLD_SIZE > 1; pick cuda:LOCAL_RANK or the given device.
+
+        `single_group`: a plain one-process run still gets a (one-rank) process group, which FSDP2 needs
+        (cpu_offload on one GPU)."""
         world = int(os.environ.get("WORLD_SIZE", 1))
         local = int(os.environ.get("LOCAL_RANK", 0))
         chosen = (
@@ -60,6 +69,10 @@ class Distributed:
                 device_id=chosen if chosen.type == "cuda" else None,
                 timeout=datetime.timedelta(hours=1),
             )
+        if single_group and world == 1 and not dist.is_initialized():
+            backend = "nccl" if chosen.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            owns = True
         rank = dist.get_rank() if dist.is_initialized() else 0
         return cls(
             rank=rank,
@@ -93,6 +106,7 @@ def parallelize(
     world_size: int,
     device: torch.device,
     compile: bool,
+    cpu_offload: bool = False,
 ) -> nn.Module:
     """Compile the blocks, then wrap for DDP / FSDP2 (world size > 1).
 
@@ -100,6 +114,9 @@ def parallelize(
         model: the root module (the student's objectives), already on `device`.
         blocks: the student's transformer blocks (compile and FSDP2 units).
         mode: "ddp" or "fsdp".
+        cpu_offload: FSDP2's CPUOffloadPolicy: sharded parameters, gradients and so the optimizer state
+            live in host memory, each block's parameters are copied to the device for its forward and
+            backward (also at world size 1, in the one-rank group `Distributed.setup` made).
 
     Returns:
         The module to call and to build the optimizer from: `model` itself (1 process or FSDP2, which
@@ -108,8 +125,10 @@ def parallelize(
     if compile:
         for block in blocks:
             block.compile()
-    if world_size == 1:
+    if world_size == 1 and not cpu_offload:
         return model
+    if cpu_offload and mode != "fsdp":
+        raise ValueError(f"cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp, got {mode}")
     if mode == "ddp":
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     policy = (
@@ -117,9 +136,10 @@ def parallelize(
         if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mp_policy=policy, offload_policy=offload)
     return model
 
 

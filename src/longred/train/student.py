@@ -35,6 +35,7 @@ __all__ = [
     "load_teacher",
     "build_optimizer",
     "check_structure",
+    "check_optimizer_state",
     "BETAS",
 ]
 
@@ -116,14 +117,45 @@ def load_teacher(path: str | Path, *, device: torch.device) -> nn.Module:
     return load_model(path, device=device).eval().requires_grad_(False)
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) over the trainable parameters: matrices decayed, norm weights and biases not."""
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    kind: str = "adamw",
+    device: torch.device | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95) over the trainable parameters: matrices decayed, norm weights and biases not.
+
+    Args:
+        kind: "adamw" (torch; state in the parameters' dtype) or "adamw8bit" (bitsandbytes AdamW8bit:
+            8-bit moments, CUDA only).
+        device: the parameters' device (checked for adamw8bit).
+
+    Raises:
+        ValueError: adamw8bit on a device other than CUDA, or bitsandbytes missing.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
+    if kind != "adamw8bit":
+        raise ValueError(f"optimizer must be adamw or adamw8bit, got {kind!r}")
+    if device is None or device.type != "cuda":
+        raise ValueError(
+            f"optimizer adamw8bit (bitsandbytes AdamW8bit) runs on CUDA only; this run's device is "
+            f"{device}: use optimizer adamw"
+        )
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ValueError(
+            "optimizer adamw8bit needs bitsandbytes: pip install 'longred[lowbit]' (or use optimizer adamw)"
+        ) from err
+    return bitsandbytes.optim.AdamW8bit(groups, lr=lr, betas=BETAS)
 
 
 def check_structure(
@@ -147,9 +179,13 @@ def check_structure(
         for i, n in trainable.items()
         if grouped.get(i, 0) != 1
     ]
-    if set(grouped) - set(trainable):
+    frozen = {id(p): name for name, p in student.named_parameters() if not p.requires_grad}
+    problems += [
+        f"frozen student parameter {frozen[i]} is in the optimizer" for i in set(grouped) & set(frozen)
+    ]
+    if set(grouped) - set(trainable) - set(frozen):
         problems.append(
-            f"{len(set(grouped) - set(trainable))} optimizer tensors are not trainable student parameters"
+            f"{len(set(grouped) - set(trainable) - set(frozen))} optimizer tensors are not student parameters"
         )
     if teacher is not None:
         student_storage = {_local(p).untyped_storage().data_ptr() for p in student.parameters()}
@@ -165,6 +201,31 @@ def check_structure(
             problems.append("the teacher is a submodule of the student (it would be saved with it)")
     if problems:
         raise StructureError("Structural check failed: " + "; ".join(problems[:10]))
+
+
+def check_optimizer_state(optimizer_state: dict, *, student: nn.Module, prefix: str = "student.") -> None:
+    """Assert a full (parameter-name-keyed) optimizer state dict holds state for trainable student
+    parameters only: none for a frozen one (trainable attention or lora), none for unknown names.
+
+    Args:
+        optimizer_state: `get_optimizer_state_dict(..., full_state_dict=True)` of the optimizer.
+        prefix: the student's name in the module the optimizer was built from (`StudentObjectives`).
+
+    Raises:
+        StructureError: naming the offending parameters.
+    """
+    names = {prefix + name: p.requires_grad for name, p in student.named_parameters()}
+    keys = set(optimizer_state["state"])
+    for group in optimizer_state["param_groups"]:
+        keys |= set(group["params"])
+    problems = [
+        f"frozen student parameter {k} has optimizer state" for k in sorted(keys) if names.get(k) is False
+    ]
+    problems += [
+        f"optimizer state for {k}, which is no student parameter" for k in sorted(keys) if k not in names
+    ]
+    if problems:
+        raise StructureError("Optimizer state check failed: " + "; ".join(problems[:10]))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -62,6 +63,7 @@ from longred.train.student import (
     load_teacher,
 )
 from longred.train.tracking import Tracker, open_tracker
+from longred.train.trainable import apply_config_trainable, offload_activations, save_merged
 
 __all__ = ["Trainer", "run_training"]
 
@@ -81,7 +83,7 @@ class Trainer:
     # build -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
-        self.dist = Distributed.setup(cfg.device)
+        self.dist = Distributed.setup(cfg.device, single_group=cfg.cpu_offload)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0:  # one run per folder; then refuse a foreign model/ before any work
             self.lock = RunLock(self.out)
@@ -100,6 +102,7 @@ class Trainer:
         self._build_models()
         self._build_data()
         self.step, self.tokens, self.time_s = 0, 0, 0.0
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout (lora_dropout); resuming restores the RNG
         if self.resumed_from is not None:
             state = load_checkpoint(self.resumed_from, model=self.model, optimizer=self.optimizer)
             self.streams.load_state_dict(state["streams"])
@@ -145,18 +148,21 @@ class Trainer:
             reference, checked = fingerprint(teacher_dir), teacher_dir
         if reference is not None and self.resumed_from is None and student_dir != checked:
             check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
-        source = self.resumed_from / "model" if self.resumed_from else student_dir
+        # a checkpoint's model/ has the RoPE; a lora one holds the adapter, its base is the initial student
+        from_checkpoint = self.resumed_from is not None and cfg.trainable != "lora"
+        source = self.resumed_from / "model" if from_checkpoint else student_dir
         self.student_dir = student_dir  # the initial weights: the exported model card names them
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
             source,
-            rope=None if self.resumed_from else cfg.rope,  # a checkpoint's config already has it
+            rope=None if from_checkpoint else cfg.rope,
             window=cfg.window,
             dtype=cfg.dtype,
             device=self.dist.device,
             attn_implementation=cfg.attn_implementation,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
+        self.adapter = apply_config_trainable(self.student, cfg, resumed_from=self.resumed_from)
         self.teacher = load_teacher(teacher_dir, device=self.dist.device) if online else None
         if online and self.source is not None:  # texts cut here, not by precompute: check their lengths
             lengths = {"short_len": self.source.short_len, "s2l_len": self.source.s2l_len}
@@ -178,8 +184,11 @@ class Trainer:
             world_size=world,
             device=self.dist.device,
             compile=cfg.compile,
+            cpu_offload=cfg.cpu_offload,
         )
-        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(
+            self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, kind=cfg.optimizer, device=self.dist.device
+        )
         check_structure(student=self.student, optimizer=self.optimizer, teacher=self.teacher)
         self.online = None
         if online:
@@ -287,7 +296,7 @@ class Trainer:
             batch = self.micro_batch(micro.stream, step=self.step, index=index)
             objective = micro.stream if batch.labels_BT is None else "ce"
             with gradient_sync(self.model, sync=index == len(self.plan) - 1):
-                with autocast:
+                with autocast, offload_activations(self.config.activation_offload, self.dist.device):
                     loss = self.model(
                         batch.input_ids_BT,
                         batch.position_ids_BT,
@@ -341,8 +350,11 @@ class Trainer:
         self.tracker.finish()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
-            final = self.out / "checkpoints" / checkpoint_name(self.step) / "model"
-            publish_model(final, self.out, finish=self._export)
+            last = self.out / "checkpoints" / checkpoint_name(self.step)
+            if self.adapter is None:
+                publish_model(last / "model", self.out, finish=self._export)
+            else:
+                self.save_merged(last / "adapter")
             if self.config.push_to_hub:
                 url = push_to_hub(self.out / "model", repo_id=self.config.push_to_hub)
                 self.log(f"pushed the student to {url}")
@@ -399,8 +411,30 @@ class Trainer:
             config=self.config.to_dict(),
             fingerprint=self.fingerprint,
             keep=self.config.keep_checkpoints,
+            adapter=self.adapter,
         )
         self.log(f"checkpoint {checkpoint_name(self.step)} ({self.tokens} tokens, {self.time_s:.1f} s)")
+
+    def save_merged(self, adapter_dir: Path) -> None:
+        """trainable lora: out/model = the initial student (run's RoPE, on the CPU) with the adapter merged,
+        out/adapter = the adapter."""
+        cfg = self.config
+        base = build_student(
+            self.student_dir,
+            rope=cfg.rope,
+            window=cfg.window,
+            dtype=cfg.frozen_dtype or cfg.dtype,
+            device=torch.device("cpu"),
+            attn_implementation=None,
+            gradient_checkpointing=False,
+        )
+        merged = self.out / ".merged.tmp"
+        shutil.rmtree(merged, ignore_errors=True)
+        save_merged(base, adapter_dir, merged, tokenizer=self.tokenizer)
+        publish_model(merged, self.out, finish=self._export)
+        shutil.rmtree(merged)
+        shutil.rmtree(self.out / "adapter", ignore_errors=True)
+        shutil.copytree(adapter_dir, self.out / "adapter")
 
     def close(self) -> None:
         if self.streams is not None:
