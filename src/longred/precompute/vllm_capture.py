@@ -375,7 +375,13 @@ class VllmTeacher:
         """Stop the engine's processes and remove the scratch folder."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
+            client = llm.llm_engine.engine_core
+            client.shutdown()
+            # vLLM leaves its ZMQ context to the garbage collector (a ResourceWarning then, and at
+            # interpreter exit, with the client's thread, a sometimes-aborting teardown): end it here
+            context = getattr(client, "ctx", None)
+            if context is not None:
+                context.destroy(linger=0)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> VllmTeacher:
