@@ -26,13 +26,8 @@ from longred.models.loading import load_model, load_tokenizer
 from longred.models.tiny import build_tiny_teacher
 from longred.precompute.config import PrecomputeConfig
 from longred.precompute.job import TransformersTeacher, build_spec_and_samples, fill_shards, run_precompute
-from longred.precompute.vllm_capture import (
-    MissingVllmError,
-    TokenMismatchError,
-    engine_arguments,
-    topk_from_flat_logprobs,
-    vllm_layer_ids,
-)
+from longred.precompute.vllm_capture import TokenMismatchError, topk_from_flat_logprobs, vllm_layer_ids
+from longred.precompute.vllm_engine import MissingVllmError, engine_arguments
 from longred.storage import CacheWriter, TargetStream, TeacherCache, collate, verify_cache
 from longred.train.objectives import StudentObjectives
 

