@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from longred.cli import main
@@ -91,9 +92,17 @@ def write_cache(teacher, cfg: PrecomputeConfig, spec, samples) -> str:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    return build_tiny_teacher(
-        tmp_path_factory.mktemp("tiny128") / "tiny", hidden_size=128, max_position_embeddings=256
-    )
+    """The tiny teacher with its norms' weights drawn from U(0.5, 1.5): at their initial ones a norm
+    only rescales each token, and a cosine could not tell a missing final norm."""
+    folder = tmp_path_factory.mktemp("tiny128") / "tiny"
+    build_tiny_teacher(folder, hidden_size=128, max_position_embeddings=256)
+    weights = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, value in weights.items():
+        if name.endswith("norm.weight"):
+            weights[name] = 0.5 + torch.rand(value.shape, generator=generator)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
 
 
 @pytest.fixture(scope="module")
