@@ -311,6 +311,12 @@ def _add_bench_commands(commands) -> None:
     )
     bench_pre.add_argument("--samples", type=int, default=8, help="samples to time")
     bench_pre.add_argument("--length", type=int, default=1024, help="tokens per sample")
+    bench_pre.add_argument(
+        "--backend",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="vllm: also time the vLLM backend",
+    )
     bench_train = _bench_parser(
         bench,
         "train",

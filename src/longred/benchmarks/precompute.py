@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from longred.base.io import atomic_write_json
 from longred.corpus.documents import iter_documents
@@ -28,12 +29,40 @@ from longred.ops.layers import check_layers
 from longred.precompute.job import fill_shards
 from longred.storage import CacheSpec, CacheWriter, KindSpec
 
-__all__ = ["measure_precompute", "run_precompute_benchmark"]
+__all__ = ["measure_precompute", "run_precompute_benchmark", "bench_spec"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_spec(
+    model_config,
+    input_ids_NT: np.ndarray,
+    *,
+    teacher: dict,
+    layers,
+    top_k: int,
+    codec: str,
+    batch_size: int,
+    topk: str = "all",
+) -> CacheSpec:
+    """The one-kind (``short``) cache spec the benchmarks write ``input_ids_NT`` (N, T) into; ``topk``
+    says which samples store a top-k (all or none)."""
+    n, t = input_ids_NT.shape
+    layers = check_layers(layers, model_config.num_hidden_layers)
+    return CacheSpec(
+        teacher=teacher,
+        tokenizer_sha256="bench",
+        corpus_sha256="bench",
+        kinds={"short": KindSpec(length=t, num_samples=n, layers=layers, topk=topk)},
+        hidden_size=model_config.hidden_size,
+        vocab_size=model_config.vocab_size,
+        top_k=top_k,
+        codec={"name": codec},
+        shard_samples=max(batch_size, 16),
+    )
 
 
 def measure_precompute(
@@ -57,18 +86,16 @@ def measure_precompute(
     """
     device = next(model.parameters()).device
     n, t = input_ids_NT.shape
-    layers = check_layers(layers, model.config.num_hidden_layers)
     specs = {
-        topk: CacheSpec(
+        topk: bench_spec(
+            model.config,
+            input_ids_NT,
             teacher=teacher,
-            tokenizer_sha256="bench",
-            corpus_sha256="bench",
-            kinds={"short": KindSpec(length=t, num_samples=n, layers=layers, topk=topk)},
-            hidden_size=model.config.hidden_size,
-            vocab_size=model.config.vocab_size,
+            layers=layers,
             top_k=top_k,
-            codec={"name": codec},
-            shard_samples=max(batch_size, 16),
+            codec=codec,
+            batch_size=batch_size,
+            topk=topk,
         )
         for topk in ("all", "none")
     }
@@ -120,8 +147,12 @@ def run_precompute_benchmark(
     layers: tuple[str, ...] = ("1", "8", "15", "22", "final"),
     batch_size: int = 2,
     repeats: int = 2,
+    backend: str = "transformers",
 ) -> dict:
-    """Benchmark on the teacher (default: embedded SmolLM2) over embedded prose; write JSON to ``out``."""
+    """Benchmark on the teacher (default: embedded SmolLM2) over embedded prose; write JSON to ``out``.
+
+    ``backend="vllm"`` adds the vLLM backend on the same samples (``measure_vllm_precompute``): its
+    bare prefill, its precompute, and ``vllm_vs_transformers`` (precompute tokens/s ratio)."""
     teacher_dir = resolve_teacher(teacher)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(teacher_dir, device=device)
@@ -132,6 +163,7 @@ def run_precompute_benchmark(
         num_samples=samples,
         corpus="embedded:prose",
     ).input_ids_NT
+    identity = teacher_identity(teacher_dir)
     result = {
         "device": torch.cuda.get_device_name()
         if device == "cuda"
@@ -140,12 +172,36 @@ def run_precompute_benchmark(
         **measure_precompute(
             model,
             ids_NT,
-            teacher=teacher_identity(teacher_dir),
+            teacher=identity,
             layers=layers,
             batch_size=batch_size,
             repeats=repeats,
         ),
     }
+    if backend == "vllm":
+        from longred.benchmarks.vllm_precompute import measure_vllm_precompute
+
+        del model  # the engine loads its own copy
+        spec = bench_spec(
+            AutoConfig.from_pretrained(teacher_dir),
+            ids_NT,
+            teacher=identity,
+            layers=layers,
+            top_k=64,
+            codec="int8",
+            batch_size=batch_size,
+        )
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        result.update(
+            measure_vllm_precompute(
+                teacher_dir, ids_NT, spec, dtype=dtype, batch_size=batch_size, repeats=repeats
+            )
+        )
+        result["vllm_vs_transformers"] = round(
+            result["tokens_per_s_vllm_precompute"] / result["tokens_per_s_precompute"], 3
+        )
+    elif backend != "transformers":
+        raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, result)

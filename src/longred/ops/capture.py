@@ -18,7 +18,7 @@ import torch
 
 from longred.ops.layers import LayerTap, check_layers
 
-__all__ = ["TeacherCapture", "CapturedTargets", "DEFAULT_LAYERS", "DEFAULT_TOP_K"]
+__all__ = ["TeacherCapture", "CapturedTargets", "tail_logmass", "DEFAULT_LAYERS", "DEFAULT_TOP_K"]
 
 DEFAULT_LAYERS = ("1", "9", "12", "14", "15", "final")
 """The paper's layers for Llama-3-8B (select-layers finds them for other models)."""
@@ -41,6 +41,12 @@ class CapturedTargets:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_logmass: torch.Tensor | None = None
+
+
+def tail_logmass(topk_logprobs_NK: torch.Tensor) -> torch.Tensor:
+    """log(1 - the top-k's probability mass) per position (..., K) -> (...); -inf when the top k hold
+    all of it in fp32. Every capture backend computes the tail bucket here."""
+    return torch.log1p(-topk_logprobs_NK.exp().sum(dim=-1).clamp(max=1.0))
 
 
 class TeacherCapture:
@@ -115,7 +121,6 @@ class TeacherCapture:
             logprobs_CK = top.values - lse_C1
             ids.append(top.indices)
             values.append(logprobs_CK)
-            # log(1 - top-k mass); -inf when the top k hold all of it in fp32
-            tails.append(torch.log1p(-logprobs_CK.exp().sum(dim=-1).clamp(max=1.0)))
+            tails.append(tail_logmass(logprobs_CK))
         shape = (b, t, self.top_k)
         return torch.cat(ids).view(shape), torch.cat(values).view(shape), torch.cat(tails).view(b, t)

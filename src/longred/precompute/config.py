@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import ClassVar
@@ -12,7 +13,17 @@ from longred.corpus.windows import BOS_CHOICES, PACKINGS, SampleSpec
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K
 from longred.storage import CODECS, POSITION_SAMPLING, TOPK_SAMPLES
 
-__all__ = ["PrecomputeConfig"]
+__all__ = ["PrecomputeConfig", "BACKENDS", "DTYPES"]
+
+BACKENDS = ("transformers", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_VLLM_ONLY = (
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "max_model_len",
+    "kv_cache_gib",
+    "engine_args",
+)
 
 _SAMPLES = SampleSpec()  # the sample settings' defaults
 
@@ -84,6 +95,27 @@ class PrecomputeConfig:
     does for ordinary text: on for Llama-3, off for SmolLM2)."""
     overwrite: bool = False
     """Replace an existing cache made from other inputs instead of refusing it."""
+    backend: str = "transformers"
+    """Teacher engine: transformers (hooks on the Hugging Face model) or vllm (a vLLM engine, tensor /
+    pipeline parallel; same cache, see README 'vLLM teacher backend')."""
+    dtype: str = "auto"
+    """Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs one engine splits each layer over (one engine per node, ranks over nodes)."""
+    pipeline_parallel_size: int = 1
+    """vllm: pipeline stages of one engine."""
+    max_model_len: int | None = None
+    """vllm: engine context length (default: the longest window + 1, for the generated token)."""
+    gpu_memory_utilization: float = 0.9
+    """vllm on CUDA: share of each GPU's memory the engine takes (weights, activations, KV cache)."""
+    kv_cache_gib: float | None = None
+    """vllm: KV-cache space in GiB (default: on CUDA what gpu_memory_utilization leaves; on CPU one
+    batch's need, where vLLM would otherwise reserve 0.9 x RAM)."""
+    enforce_eager: bool = True
+    """vllm: run eagerly (default: a prefill-only job gains little from compilation and CUDA graphs,
+    which cost ~90 s at start-up on CPU); `enforce_eager: false` in YAML compiles."""
+    engine_args: dict | None = None
+    """vllm: further vllm.LLM arguments (YAML mapping or a JSON object on the command line)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "codec": tuple(sorted(CODECS)),
@@ -91,6 +123,8 @@ class PrecomputeConfig:
         "short_topk": TOPK_SAMPLES,
         "short_position_sampling": POSITION_SAMPLING,
         "bos": BOS_CHOICES,
+        "backend": BACKENDS,
+        "dtype": DTYPES,
     }
 
     def __post_init__(self) -> None:
@@ -113,7 +147,41 @@ class PrecomputeConfig:
         if self.s2l_field is not None and self.s2l_corpus is None:
             problems.append("s2l_field applies to s2l_corpus; set s2l_corpus too (or drop s2l_field)")
         problems += check_urls(self, stores=("out",), folders=())
+        problems += self._engine_problems()
         check(problems, "precompute")
+
+    def _engine_problems(self) -> list[str]:
+        if isinstance(self.engine_args, str):
+            try:
+                self.engine_args = json.loads(self.engine_args)
+            except json.JSONDecodeError as err:
+                return [f"engine_args must be a JSON object: {err}"]
+        problems = at_least(self, 1, "tensor_parallel_size", "pipeline_parallel_size")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.engine_args is not None and not isinstance(self.engine_args, dict):
+            problems.append(f"engine_args must be a mapping, got {self.engine_args!r}")
+        if self.backend == "transformers":
+            default = PrecomputeConfig.__dataclass_fields__
+            problems += [
+                f"{name} applies to backend 'vllm' only"
+                for name in _VLLM_ONLY
+                if getattr(self, name) != default[name].default
+            ]
+        return problems
+
+    def engine_settings(self) -> dict:
+        """The vllm engine's settings (``VllmTeacher`` keyword arguments besides dtype)."""
+        return {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "kv_cache_gib": self.kv_cache_gib,
+            "enforce_eager": self.enforce_eager,
+            "batch_tokens": self.batch_tokens,
+            "engine_args": self.engine_args,
+        }
 
     def sample_spec(self) -> SampleSpec:
         """The settings that decide the samples' token ids."""
