@@ -76,9 +76,10 @@ def write_cache(
     shards: dict[str, list[int]] | None = None,
     batch: int = 3,
     sleep: float = 0.0,
+    overwrite: bool = False,
 ) -> None:
     """Write the given shards (default: the missing ones) of every kind, ``batch`` samples per call."""
-    with CacheWriter(url, spec, write_threads=1, max_pending_shards=1) as writer:
+    with CacheWriter(url, spec, write_threads=1, max_pending_shards=1, overwrite=overwrite) as writer:
         for kind in spec.kinds:
             todo = shards[kind] if shards is not None else writer.missing_shards(kind)
             ids = [i for s in todo for i in spec.shard_range(kind, s)]

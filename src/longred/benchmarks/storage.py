@@ -22,7 +22,6 @@ Source: the teacher (default: the embedded SmolLM2-135M-Instruct) run over the e
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numcodecs
 import numpy as np
 import torch
 
+from longred.base.io import atomic_write_json
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.models.identity import teacher_identity
@@ -76,7 +76,7 @@ def run_storage_benchmark(
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        atomic_write_json(out, result)
     return result
 
 

@@ -12,27 +12,32 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longred.base.rope import RopeSpec, apply_rope_spec
 from longred.models.embedded import EMBEDDED_TEACHER, embedded_teacher_dir
+from longred.models.hub import resolve_model
 
-__all__ = ["load_model", "load_tokenizer", "resolve_teacher"]
+__all__ = [
+    "check_trained_window",
+    "load_model",
+    "load_tokenizer",
+    "model_config",
+    "resolve_model",
+    "resolve_teacher",
+]
 
 
-def resolve_teacher(path: str | os.PathLike[str] | None) -> Path:
-    """Map a teacher argument to a model folder: None is the embedded default, else a local folder.
+def resolve_teacher(name: str | os.PathLike[str] | None) -> Path:
+    """Map a teacher argument to a model folder: None is the embedded default, else a local folder or a
+    Hub id (see `longred.models.hub.resolve_model`).
 
     Raises:
         MissingTeacherError: None was given and the embedded teacher is not installed.
-        FileNotFoundError: the folder does not exist or has no config.json.
+        FileNotFoundError: no such folder, no config.json in it, or a Hub id that cannot be had.
     """
-    if path is None:
+    if name is None:
         return embedded_teacher_dir()
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"Teacher {str(path)!r}: expected a Hugging Face model folder with config.json "
-            f"({'no config.json in it' if folder.is_dir() else 'no such folder'}). Omit the teacher "
-            f"to use the embedded {EMBEDDED_TEACHER}."
-        )
-    return folder
+    try:
+        return resolve_model(name, what="Teacher")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} Omit the teacher to use the embedded {EMBEDDED_TEACHER}.") from err
 
 
 def load_model(
@@ -65,12 +70,48 @@ def load_model(
     if attn_implementation is None:
         flash = on_cuda and importlib.util.find_spec("flash_attn") is not None
         attn_implementation = "flash_attention_2" if flash else "sdpa"
-    config = AutoConfig.from_pretrained(path)
+    config = model_config(path)
     if rope is not None:
         config = apply_rope_spec(config, rope, max_position_embeddings=max_position_embeddings)
     return AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, device_map=device, attn_implementation=attn_implementation
     )
+
+
+def model_config(path: str | os.PathLike[str]) -> Any:
+    """The config of a local model folder (never a hub lookup).
+
+    Raises:
+        FileNotFoundError: no such folder, or no config.json in it.
+        ValueError: config.json is not a valid model config (naming the file).
+    """
+    folder = Path(path).expanduser()
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"Model {str(path)!r}: {'no config.json in it' if folder.is_dir() else 'no such folder'} "
+            "(expected a Hugging Face model folder)."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a valid model config: {' '.join(str(err).split())[:300]}") from err
+
+
+def check_trained_window(lengths: dict[str, int], config: Any) -> None:
+    """Refuse sample lengths beyond the teacher's trained window (`max_position_embeddings`): its
+    targets there would be extrapolations, not what the student is meant to keep.
+
+    Raises:
+        ValueError: naming each setting that is too long.
+    """
+    window = config.max_position_embeddings
+    too_long = [f"{name} {n} exceeds" for name, n in lengths.items() if n > window]
+    if too_long:
+        raise ValueError(
+            f"{', '.join(too_long)} the teacher's trained window of {window} tokens "
+            "(max_position_embeddings in its config.json); shorten them."
+        )
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:

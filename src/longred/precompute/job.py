@@ -20,7 +20,7 @@ from longred.base.devices import default_device
 from longred.corpus.documents import corpus_sha256
 from longred.corpus.windows import cut_samples
 from longred.models.identity import teacher_identity, tokenizer_sha256
-from longred.models.loading import load_model, load_tokenizer, resolve_teacher
+from longred.models.loading import check_trained_window, load_model, load_tokenizer, resolve_teacher
 from longred.ops.capture import TeacherCapture
 from longred.ops.layers import check_layers
 from longred.precompute.config import PrecomputeConfig
@@ -39,6 +39,9 @@ def build_spec_and_samples(
 ) -> tuple[CacheSpec, dict]:
     """The cache spec (fingerprint) and the token ids of every sample of every kind."""
     layers = check_layers(config.layers, model_config.num_hidden_layers)
+    check_trained_window(
+        {"short_len": config.short_len, "s2l_len": config.s2l_len if config.s2l_samples else 0}, model_config
+    )
     samples = cut_samples(config.sample_spec(), tokenizer)
     kinds = {
         "short": KindSpec(
@@ -141,7 +144,7 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
 
     Returns:
         ``{"rank", "world_size", "tokens", "samples", "seconds", "tokens_per_s", "bytes_written",
-        "shards_written", "shards_skipped", "device"}``.
+        "shards_written", "shards_skipped", "shards_repaired" ([kind, shard] rewritten), "device"}``.
     """
     rank, world = distributed_rank()
     device = default_device(local_rank=int(os.environ.get("LOCAL_RANK", 0)))
@@ -150,11 +153,14 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
     model = load_model(teacher_dir, device=device)
     spec, samples = build_spec_and_samples(config, tokenizer, model.config, teacher_dir)
     start = time.perf_counter()
-    with CacheWriter(config.out, spec, overwrite=config.overwrite and rank == 0) as writer:
-        work, skipped = [], 0
+    # under torchrun rank 0 replaces an old cache; the other ranks wait for its new one
+    overwrite, wait_s = config.overwrite and rank == 0, 600.0 if config.overwrite and rank > 0 else 0.0
+    with CacheWriter(config.out, spec, overwrite=overwrite, wait_s=wait_s) as writer:
+        work, skipped, repaired = [], 0, []
         for kind in spec.kinds:
-            missing = set(writer.missing_shards(kind))
             mine = [s for s in range(spec.num_shards(kind)) if s % world == rank]
+            repaired += writer.repair(kind, mine)  # complete shards whose bytes no longer match are redone
+            missing = set(writer.missing_shards(kind))
             skipped += sum(1 for s in mine if s not in missing)
             work += [(kind, s) for s in mine if s in missing]
         total = sum(len(spec.shard_range(k, s)) * spec.kinds[k].length for k, s in work)
@@ -183,4 +189,5 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
         "bytes_written": writer.bytes_written,
         "shards_written": writer.shards_written,
         "shards_skipped": skipped,
+        "shards_repaired": sorted({(p.kind, p.shard) for p in repaired}),
     }

@@ -9,6 +9,7 @@ is CRC32C (hardware-accelerated, several GB/s) of each stored shard object, as w
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -18,7 +19,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ._spec import ArraySpec
 
-__all__ = ["CacheLocation", "ShardProblem", "shard_key"]
+__all__ = ["CacheLocation", "ShardProblem", "shard_key", "CACHE_ENTRIES"]
+
+CACHE_ENTRIES = frozenset({"zarr.json", "short", "s2l", "_complete", "_writers"})
+"""Every name a cache's root folder may hold: all that ``--overwrite`` ever deletes."""
+_RECORD_NAME = re.compile(r"^\d{6}\.json$")
+_MAX_RECORD_BYTES = 1 << 20
 
 
 def shard_key(array: ArraySpec, shard: int) -> str:
@@ -36,7 +42,8 @@ class ShardProblem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.kind} shard {self.shard}" + (f", array {self.array}" if self.array else "")
+        where = self.kind + (f" shard {self.shard}" if self.shard >= 0 else "")
+        where += f", array {self.array}" if self.array else ""
         return f"{where}: {self.message}"
 
 
@@ -74,9 +81,19 @@ class CacheLocation:
     def read_json(self, key: str) -> dict:
         return json.loads(self.read_bytes(key))
 
-    def remove_all(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+    def entries(self) -> list[str]:
+        """Names in the root folder (zarr's in-flight ``*.partial`` files left out)."""
+        if not self.fs.exists(self.root):
+            return []
+        names = (str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        return sorted(n for n in names if not n.endswith(".partial"))
+
+    def remove_cache(self) -> None:
+        """Delete the cache's own entries: records first (no shard stays complete), zarr.json last."""
+        names = set(self.entries())
+        for name in ("_complete", "short", "s2l", "_writers", "zarr.json"):
+            if name in names:
+                self.fs.rm(self._path(name), recursive=True)
 
     def total_bytes(self) -> int:
         return sum(int(info["size"]) for info in self.fs.find(self.root, detail=True).values())
@@ -86,14 +103,52 @@ class CacheLocation:
     def record_key(kind: str, shard: int) -> str:
         return f"_complete/{kind}/{shard:06d}.json"
 
-    def completed_shards(self, kind: str) -> set[int]:
+    def record_names(self, kind: str) -> list[str]:
         folder = self._path(f"_complete/{kind}")
         if not self.fs.exists(folder):
-            return set()
-        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
-        return {int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit()}
+            return []
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
 
-    def checksum_record(self, kind: str, shard: int, arrays: list[ArraySpec], sample_ids: range) -> dict:
+    def completed_shards(self, kind: str, num_shards: int) -> set[int]:
+        """Shards with a record named ``NNNNNN.json`` (six digits) below ``num_shards``; other names are
+        not records (``stray_records`` lists them)."""
+        numbers = (int(n[:6]) for n in self.record_names(kind) if _RECORD_NAME.match(n))
+        return {s for s in numbers if s < num_shards}
+
+    def stray_records(self, kind: str, num_shards: int) -> list[str]:
+        """Names in ``_complete/<kind>`` that are not a record of one of the kind's shards."""
+        return [
+            n
+            for n in self.record_names(kind)
+            if not (_RECORD_NAME.match(n) and int(n[:6]) < num_shards) and ".tmp-" not in n
+        ]
+
+    def remove_record(self, kind: str, shard: int) -> None:
+        self.fs.rm(self._path(self.record_key(kind, shard)))
+
+    def read_record(self, kind: str, shard: int) -> dict:
+        """A completion record, bounded in size and checked in structure.
+
+        Raises:
+            ValueError: the record is too large, not JSON or not a record of this kind and shard.
+        """
+        key = self.record_key(kind, shard)
+        size = self.size(key)
+        if size > _MAX_RECORD_BYTES:
+            raise ValueError(f"record {key} has {size} bytes (at most {_MAX_RECORD_BYTES})")
+        try:
+            record = json.loads(self.read_bytes(key))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"record {key} is not JSON: {err}") from err
+        if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
+            raise ValueError(f"record {key} has no arrays mapping")
+        if record.get("kind") != kind or record.get("shard") != shard:
+            raise ValueError(f"record {key} says kind {record.get('kind')!r}, shard {record.get('shard')!r}")
+        return record
+
+    def checksum_record(
+        self, kind: str, shard: int, arrays: list[ArraySpec], sample_ids: range, *, cache: str
+    ) -> dict:
         """Checksum every stored object of a freshly written shard and return its completion record."""
         entries = {}
         for array in arrays:
@@ -101,6 +156,7 @@ class CacheLocation:
             data = self.read_bytes(key)
             entries[array.path] = {"key": key, "bytes": len(data), "crc32c": google_crc32c.value(data)}
         return {
+            "cache": cache,
             "kind": kind,
             "shard": shard,
             "first_sample": sample_ids.start,
@@ -108,29 +164,50 @@ class CacheLocation:
             "arrays": entries,
         }
 
-    def check_record(self, kind: str, shard: int, arrays: list[ArraySpec]) -> list[ShardProblem]:
-        """Compare each stored object of a shard with its completion record."""
-        record = self.read_json(self.record_key(kind, shard))
+    def check_record(
+        self, kind: str, shard: int, arrays: list[ArraySpec], *, cache: str, checksums: bool = True
+    ) -> list[ShardProblem]:
+        """Compare each stored object of a shard with its completion record: the record's cache identity,
+        each object's key (the expected one; a record never chooses what is read), its size and, with
+        ``checksums``, its CRC32C."""
+        try:
+            record = self.read_record(kind, shard)
+        except (ValueError, FileNotFoundError) as err:
+            return [ShardProblem(kind, shard, None, str(err))]
+        if record.get("cache") != cache:
+            found = record.get("cache")
+            return [
+                ShardProblem(
+                    kind, shard, None, f"record made for another cache ({found!r:.20}), not {cache[:16]}"
+                )
+            ]
         problems = []
         for array in arrays:
-            entry = record["arrays"].get(array.path)
-            if entry is None:
-                problems.append(ShardProblem(kind, shard, array.path, "missing from the completion record"))
-                continue
-            try:
-                data = self.read_bytes(entry["key"])
-            except FileNotFoundError:
-                problems.append(ShardProblem(kind, shard, array.path, f"object {entry['key']} is missing"))
-                continue
-            crc = google_crc32c.value(data)
-            if len(data) != entry["bytes"] or crc != entry["crc32c"]:
-                problems.append(
-                    ShardProblem(
-                        kind,
-                        shard,
-                        array.path,
-                        f"checksum mismatch in {entry['key']}: stored {entry['bytes']} bytes crc32c "
-                        f"{entry['crc32c']}, found {len(data)} bytes crc32c {crc}",
-                    )
-                )
+            entry, key = record["arrays"].get(array.path), shard_key(array, shard)
+            problem = self._check_object(key, entry, checksums)
+            if problem:
+                problems.append(ShardProblem(kind, shard, array.path, problem))
         return problems
+
+    def _check_object(self, key: str, entry: object, checksums: bool) -> str | None:
+        """What is wrong with one stored object given its record entry (None when it matches)."""
+        if not isinstance(entry, dict):
+            return "missing from the completion record"
+        if entry.get("key") != key:
+            return f"record names object {entry.get('key')!r:.80}, expected {key}"
+        if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("crc32c"), int):
+            return f"record entry of {key} lacks integer bytes and crc32c"
+        try:
+            size = self.size(key) if not checksums else None
+            data = self.read_bytes(key) if checksums else b""
+        except FileNotFoundError:
+            return f"object {key} is missing"
+        size = len(data) if checksums else size
+        if size != entry["bytes"]:
+            return f"object {key} has {size} bytes, the record says {entry['bytes']}"
+        if checksums and google_crc32c.value(data) != entry["crc32c"]:
+            return (
+                f"checksum mismatch in {key}: stored {entry['bytes']} bytes crc32c {entry['crc32c']}, "
+                f"found crc32c {google_crc32c.value(data)}"
+            )
+        return None

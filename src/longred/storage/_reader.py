@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from ._codecs import StoredHidden, get_codec
-from ._integrity import CacheLocation, shard_key
+from ._integrity import CacheLocation, ShardProblem, shard_key
 from ._shard import ShardLayout, shard_layout
 from ._spec import ArraySpec, CacheSpec, open_spec
 
@@ -86,24 +86,61 @@ class Targets:
 class TeacherCache:
     """A longred teacher cache opened for reading.
 
+    Every shard is checked against its completion record before it is decoded: the record's cache
+    identity, each object's existence and size and, for whole-shard reads with ``checksums``, its CRC32C
+    (about 1 ms per MB, once per shard and process; single-sample reads check sizes only).
+
     Args:
         url: local path or fsspec URL (``memory://``, ``s3://``...).
+        checksums: verify the CRC32C of each shard object on its first whole-shard read.
+        check_arrays: compare every array's stored shape, dtype and chunking with the attributes first.
 
     Raises:
         FileNotFoundError: nothing at ``url``.
         ValueError: not a longred cache, or a format version this longred does not read.
+        CacheCorruptionError: an array is missing or does not match the cache's attributes.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, checksums: bool = True, check_arrays: bool = True) -> None:
         self.location = CacheLocation(url)
         if not self.location.exists():
             raise FileNotFoundError(f"No longred cache at {url} (no zarr.json).")
         self.spec: CacheSpec = open_spec(self.location)
+        self.identity = self.spec.fingerprint_sha256()
         self.codec = get_codec(self.spec.codec)
+        self.checksums = checksums
         self._group = zarr.open_group(self.location.url, mode="r")
         self.attrs = dict(self._group.attrs)
         self._complete: dict[str, set[int]] = {}
         self._layouts: dict[str, ShardLayout | None] = {}
+        self._checked: dict[tuple[str, int], bool] = {}  # shard -> checksums verified (else sizes)
+        problems = self.array_problems() if check_arrays else []
+        if problems:
+            raise CacheCorruptionError(
+                f"{self.url}: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                + f". Run `longred cache verify {self.url}`."
+            )
+
+    def array_problems(self) -> list[ShardProblem]:
+        """Arrays that are missing or whose shape, dtype or chunking differ from the attributes."""
+        problems = []
+        for kind in self.spec.kinds:
+            for array in self.spec.arrays(kind):
+                try:
+                    stored = self._group[array.path]
+                except (KeyError, ValueError, TypeError) as err:
+                    problems.append(ShardProblem(kind, -1, array.path, f"array missing ({err})"))
+                    continue
+                want = (array.shape, array.dtype, (self.spec.shard_samples, *array.shape[1:]))
+                got = (tuple(stored.shape), str(stored.dtype), getattr(stored, "shards", None))
+                if not isinstance(stored, zarr.Array) or got != want:
+                    problems.append(
+                        ShardProblem(
+                            kind, -1, array.path, f"shape, dtype, shards {got}; the attributes say {want}"
+                        )
+                    )
+        return problems
 
     @property
     def url(self) -> str:
@@ -112,7 +149,7 @@ class TeacherCache:
     def complete_shards(self, kind: str) -> list[int]:
         """Shards with a completion record, sorted."""
         self._check_kind(kind)
-        self._complete[kind] = self.location.completed_shards(kind)
+        self._complete[kind] = self.location.completed_shards(kind, self.spec.num_shards(kind))
         return sorted(self._complete[kind])
 
     def missing_shards(self, kind: str) -> list[int]:
@@ -137,6 +174,7 @@ class TeacherCache:
                 f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
             )
         ids = self.spec.shard_range(kind, shard)
+        self._check_shard(kind, shard, checksums=self.checksums)
         return self._read(kind, slice(ids.start, ids.stop), ids, fields, layers, f"shard {shard}", form)
 
     def read_sample(
@@ -159,11 +197,27 @@ class TeacherCache:
                 f"{self.url}: sample {sample_id} is in {kind} shard {shard}, not complete."
             )
         ids = range(sample_id, sample_id + 1)
+        self._check_shard(kind, shard, checksums=False)
         return self._read(
             kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}", form
         ).sample(0)
 
     # internals ---------------------------------------------------------------------------------------
+    def _check_shard(self, kind: str, shard: int, *, checksums: bool) -> None:
+        """Compare the shard's objects with its record once per process (sizes; CRC32C if asked)."""
+        if self._checked.get((kind, shard)) in (True, checksums):
+            return
+        problems = self.location.check_record(
+            kind, shard, self.spec.arrays(kind), cache=self.identity, checksums=checksums
+        )
+        if problems:
+            raise CacheCorruptionError(
+                f"{self.url}: {problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                + f". Rerun precompute to rewrite it; `longred cache verify {self.url}` lists all bad shards."
+            )
+        self._checked[(kind, shard)] = checksums
+
     def _is_complete(self, kind: str, shard: int) -> bool:
         """Completion records only ever appear, so known ones are kept; a miss lists the store again."""
         if shard not in self._complete.get(kind, ()):

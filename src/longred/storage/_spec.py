@@ -7,6 +7,8 @@ when their fingerprints are equal; ``created_at`` and ``longred_version`` are in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +29,7 @@ __all__ = [
     "CacheSpec",
     "ArraySpec",
     "open_spec",
+    "read_attrs",
 ]
 
 FORMAT = "longred-teacher-cache"
@@ -37,6 +40,10 @@ KINDS = ("short", "s2l")
 TOPK_SAMPLES = ("all", "heldout", "none")
 POSITION_SAMPLING = ("strided", "random")
 TEACHER_POSITIONS = "0..T-1"
+MAX_SHARDS = 1_000_000
+"""Shards per kind: completion records are named by six digits."""
+MAX_SAMPLE_ELEMENTS = 2**30
+"""length x hidden size of one sample: bounds what one read allocates (4 GiB of float32)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,11 +69,15 @@ class KindSpec:
     """Positions of sample n are a function of (position_seed, n) alone: see ``kept_positions``."""
 
     def __post_init__(self) -> None:
+        problems = _integers(self, {"length": 2**24, "num_samples": 2**31 - 1})
+        if problems:
+            raise ValueError("Invalid kind spec: " + "; ".join(problems))
+        if len(self.layers) > 1024 or len(self.heldout) > self.num_samples:
+            raise ValueError(f"Invalid kind spec: {len(self.layers)} layers, {len(self.heldout)} held out")
         object.__setattr__(self, "layers", tuple(layer_name(x) for x in self.layers))
         object.__setattr__(self, "heldout", tuple(int(i) for i in self.heldout))
         object.__setattr__(self, "position_fraction", float(self.position_fraction))
         object.__setattr__(self, "_heldout_set", frozenset(self.heldout))
-        problems = []
         if self.topk not in TOPK_SAMPLES:
             problems.append(f"topk must be one of {list(TOPK_SAMPLES)}, got {self.topk!r}")
         if not 0.0 < self.position_fraction <= 1.0:
@@ -75,10 +86,6 @@ class KindSpec:
             problems.append(
                 f"position_sampling must be one of {list(POSITION_SAMPLING)}, got {self.position_sampling!r}"
             )
-        if self.length < 1:
-            problems.append(f"length must be >= 1, got {self.length}")
-        if self.num_samples < 1:
-            problems.append(f"num_samples must be >= 1, got {self.num_samples}")
         if len(set(self.layers)) != len(self.layers):
             problems.append(f"layers repeat: {list(self.layers)}")
         bad = [i for i in self.heldout if not 0 <= i < self.num_samples]
@@ -148,16 +155,24 @@ class CacheSpec:
     """Anything else that produced the targets (precompute settings); part of the fingerprint."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _integers(
+            self, {"hidden_size": 2**16, "vocab_size": 2**31 - 1, "top_k": 2**16, "shard_samples": 65536}
+        )
+        if problems:
+            raise ValueError("Invalid cache spec: " + "; ".join(problems))
         unknown = set(self.kinds) - set(KINDS)
         if unknown or not self.kinds:
             problems.append(f"kinds must be a non-empty subset of {list(KINDS)}, got {sorted(self.kinds)}")
         if not 1 <= self.top_k <= self.vocab_size:
             problems.append(f"top_k must be in [1, vocab_size={self.vocab_size}], got {self.top_k}")
-        if self.hidden_size < 1:
-            problems.append(f"hidden_size must be >= 1, got {self.hidden_size}")
-        if not 1 <= self.shard_samples <= 65536:
-            problems.append(f"shard_samples must be in [1, 65536], got {self.shard_samples}")
+        for kind, ks in self.kinds.items() if not unknown else ():
+            if -(-ks.num_samples // self.shard_samples) > MAX_SHARDS:
+                problems.append(
+                    f"{kind}: {ks.num_samples} samples make more than {MAX_SHARDS} shards of "
+                    f"{self.shard_samples} (record names have six digits); raise shard_samples"
+                )
+            if ks.length * self.hidden_size > MAX_SAMPLE_ELEMENTS:
+                problems.append(f"{kind}: length x hidden_size exceeds {MAX_SAMPLE_ELEMENTS} per sample")
         missing = {"name", "config_sha256", "weights_sha256"} - set(self.teacher)
         if missing:
             problems.append(f"teacher identity lacks {sorted(missing)}")
@@ -204,6 +219,11 @@ class CacheSpec:
         """The comparable part: everything that changes the stored targets."""
         return dataclasses.asdict(self)
 
+    def fingerprint_sha256(self) -> str:
+        """SHA-256 of the fingerprint: the identity every completion record carries."""
+        text = json.dumps(self.to_attrs(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def differences(self, other: CacheSpec) -> list[str]:
         """Dotted names of the fingerprint fields whose values differ (empty when equal)."""
         return _diff(self.fingerprint(), other.fingerprint(), "")
@@ -221,10 +241,33 @@ class CacheSpec:
 
     @classmethod
     def from_attrs(cls, attrs: dict) -> CacheSpec:
+        """Parse root attributes; ValueError names what is missing or malformed."""
         names = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in attrs.items() if k in names}
-        data["kinds"] = {k: KindSpec(**v) for k, v in data["kinds"].items()}
-        return cls(**data)
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = required - set(data) - {"codec", "extra"}
+        if missing:
+            raise ValueError(f"cache attributes lack {sorted(missing)}")
+        kinds = data["kinds"]
+        if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
+            raise ValueError(f"cache attribute kinds must map kind -> settings, got {kinds!r:.200}")
+        try:
+            data["kinds"] = {k: KindSpec(**v) for k, v in kinds.items()}
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"malformed cache attributes: {err}") from err
+
+
+def _integers(spec: object, bounds: dict[str, int]) -> list[str]:
+    """Problems of integer fields that must lie in [1, bound] (bool, float and str are refused)."""
+    problems = []
+    for name, bound in bounds.items():
+        value = getattr(spec, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{name} must be an integer, got {value!r:.50}")
+        elif not 1 <= value <= bound:
+            problems.append(f"{name} must be in [1, {bound}], got {value}")
+    return problems
 
 
 def _diff(a: object, b: object, prefix: str) -> list[str]:
@@ -239,9 +282,17 @@ def _diff(a: object, b: object, prefix: str) -> list[str]:
     return [] if a == b else [prefix]
 
 
-def open_spec(location) -> CacheSpec:
+def read_attrs(location) -> dict:
+    """The root group's attributes. Raises ValueError when zarr.json is not a zarr group's."""
+    try:
+        return dict(zarr.open_group(location.url, mode="r").attrs)
+    except (ValueError, TypeError, KeyError, zarr.errors.NodeTypeValidationError) as err:
+        raise ValueError(f"{location.url}/zarr.json is not a zarr group: {err}") from err
+
+
+def open_spec(location, attrs: dict | None = None) -> CacheSpec:
     """Read and validate the root attributes of the cache at ``location`` (a ``CacheLocation``)."""
-    attrs = dict(zarr.open_group(location.url, mode="r").attrs)
+    attrs = read_attrs(location) if attrs is None else attrs
     if attrs.get("format") != FORMAT:
         raise ValueError(f"{location.url} is not a longred cache (format={attrs.get('format')!r}).")
     if attrs.get("format_version") not in READABLE_VERSIONS:
@@ -249,4 +300,7 @@ def open_spec(location) -> CacheSpec:
             f"{location.url} has cache format version {attrs.get('format_version')}; "
             f"this longred reads versions {list(READABLE_VERSIONS)}."
         )
-    return CacheSpec.from_attrs(attrs)
+    try:
+        return CacheSpec.from_attrs(attrs)
+    except ValueError as err:
+        raise ValueError(f"{location.url}/zarr.json: {err}") from err

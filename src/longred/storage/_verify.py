@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import zarr
 
 from ._integrity import ShardProblem
 from ._reader import CacheCorruptionError, TeacherCache
@@ -13,7 +12,7 @@ __all__ = ["cache_info", "verify_cache"]
 
 def cache_info(url: str) -> dict:
     """Summary of a cache: fingerprint, kinds with sample counts and layers, codec, bytes, shard status."""
-    cache = TeacherCache(url)
+    cache = TeacherCache(url, check_arrays=False)
     spec = cache.spec
     kinds = {}
     for kind, ks in spec.kinds.items():
@@ -50,35 +49,33 @@ def cache_info(url: str) -> dict:
 
 
 def verify_cache(url: str) -> list[ShardProblem]:
-    """Read every shard: completion records, checksums, array metadata, decoding and finiteness.
+    """Read every shard: array metadata, completion records (identity, keys, sizes, checksums),
+    decoding and finiteness.
 
     Returns:
         Every problem found (empty when the cache is complete and intact).
     """
-    cache = TeacherCache(url)
-    group = zarr.open_group(cache.url, mode="r")
-    problems: list[ShardProblem] = []
+    cache = TeacherCache(url, check_arrays=False)
+    problems = cache.array_problems()
+    broken = {p.array for p in problems}
     for kind in cache.spec.kinds:
         arrays = cache.spec.arrays(kind)
-        for array in arrays:
-            stored = group[array.path]
-            if tuple(stored.shape) != array.shape or str(stored.dtype) != array.dtype:
-                problems.append(
-                    ShardProblem(
-                        kind,
-                        -1,
-                        array.path,
-                        f"shape {stored.shape} dtype {stored.dtype}, expected {array.shape} {array.dtype}",
-                    )
-                )
+        num_shards = cache.spec.num_shards(kind)
+        problems += [
+            ShardProblem(
+                kind, -1, None, f"_complete/{kind}/{name} is not a record of one of its {num_shards} shards"
+            )
+            for name in cache.location.stray_records(kind, num_shards)
+        ]
         complete = set(cache.complete_shards(kind))
-        for shard in range(cache.spec.num_shards(kind)):
+        for shard in range(num_shards):
             if shard not in complete:
                 problems.append(ShardProblem(kind, shard, None, "incomplete: no completion record"))
                 continue
-            found = cache.location.check_record(kind, shard, arrays)
+            intact = [a for a in arrays if a.path not in broken]
+            found = cache.location.check_record(kind, shard, intact, cache=cache.identity)
             problems += found
-            if found:
+            if found or len(intact) < len(arrays):
                 continue
             try:  # what every sample stores; checksums above cover mixed shards' top-k too
                 targets = cache.read_shard(kind, shard)

@@ -24,14 +24,18 @@ from zarr.errors import ContainsArrayError
 from longred.base.version import __version__
 
 from ._codecs import HiddenCodec, get_codec
-from ._integrity import CacheLocation
+from ._integrity import CacheLocation, ShardProblem
+from ._ownership import (
+    CacheMismatchError,
+    WriterRecord,
+    check_identity,
+    check_replaceable,
+    differences,
+    wait_for,
+)
 from ._spec import FORMAT, FORMAT_VERSION, ArraySpec, CacheSpec, open_spec
 
 __all__ = ["CacheWriter", "CacheMismatchError"]
-
-
-class CacheMismatchError(ValueError):
-    """An existing cache was made from other inputs (teacher, corpus, targets, layout)."""
 
 
 @dataclass
@@ -50,7 +54,10 @@ class CacheWriter:
     Args:
         url: local path or fsspec URL of the cache (a zarr v3 group).
         spec: what the cache holds. An existing cache must have the same fingerprint.
-        overwrite: replace an existing cache made from other inputs instead of refusing it.
+        overwrite: replace an existing longred cache made from other inputs instead of refusing it (never
+            a store that is not a longred cache, a folder holding other files, or a cache a writer holds).
+        wait_s: when the cache holds other inputs and ``overwrite`` is off, wait up to this long for
+            another process (rank 0 of a torchrun job given --overwrite) to replace it.
         write_threads: background threads compressing and writing full shards.
         max_pending_shards: full shards waiting for a thread before ``add`` blocks (bounds host memory).
 
@@ -64,12 +71,17 @@ class CacheWriter:
         spec: CacheSpec,
         *,
         overwrite: bool = False,
+        wait_s: float = 0.0,
         write_threads: int = 2,
         max_pending_shards: int = 4,
     ) -> None:
         self.location = CacheLocation(url)
         self.spec = spec
+        self.identity = spec.fingerprint_sha256()
         self.codec: HiddenCodec = get_codec(spec.codec)
+        self._writer: WriterRecord | None = None
+        if wait_s > 0 and not overwrite:
+            wait_for(self.location, spec, wait_s)
         self._open_or_create(overwrite)
         self._arrays = {kind: spec.arrays(kind) for kind in spec.kinds}
         # all-zero chunks (samples that store no top-k) are written too, so every shard object exists
@@ -78,7 +90,9 @@ class CacheWriter:
             for arrays in self._arrays.values()
             for a in arrays
         }
-        self._complete = {kind: self.location.completed_shards(kind) for kind in spec.kinds}
+        self._complete = {
+            kind: self.location.completed_shards(kind, spec.num_shards(kind)) for kind in spec.kinds
+        }
         self._buffers: dict[tuple[str, int], _ShardBuffer] = {}
         self._pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="longred-write")
         self._slots = threading.BoundedSemaphore(max_pending_shards + write_threads)
@@ -90,13 +104,7 @@ class CacheWriter:
     # creation / resume -------------------------------------------------------------------------------
     def _open_or_create(self, overwrite: bool) -> None:
         if self.location.exists():
-            try:
-                existing = open_spec(self.location)
-            except (ValueError, TypeError, KeyError) as err:
-                if not overwrite:
-                    raise CacheMismatchError(f"{self.location.url}: cannot resume ({err}).") from err
-                existing = None
-            diff = existing.differences(self.spec) if existing else ["format"]
+            diff = differences(self.location, self.spec)
             if diff and not overwrite:
                 raise CacheMismatchError(
                     f"{self.location.url} holds a cache made from other inputs; differing fields: "
@@ -104,11 +112,20 @@ class CacheWriter:
                     "it."
                 )
             if diff:
-                self.location.remove_all()
+                check_replaceable(self.location)
+                self.location.remove_cache()
         elif self._holds_other_data():
             raise CacheMismatchError(
                 f"{self.location.url} exists, is not empty and is not a cache; choose a new path."
             )
+        self._writer = WriterRecord(self.location)  # before any write: an overwrite now waits for us
+        try:
+            self._create()
+        except BaseException:
+            self._release()
+            raise
+
+    def _create(self) -> None:
         attrs = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -130,11 +147,8 @@ class CacheWriter:
 
     def _holds_other_data(self) -> bool:
         """A non-cache folder at the path. zarr's in-flight ``*.partial`` files (a concurrent writer
-        creating the same cache) do not count."""
-        fs, root = self.location.fs, self.location.root
-        if not fs.exists(root):
-            return False
-        return any(not str(p).endswith(".partial") for p in fs.ls(root, detail=False))
+        creating the same cache) and writer records do not count."""
+        return any(n != "_writers" for n in self.location.entries())
 
     def _create_array(self, array: ArraySpec) -> None:
         per_sample = array.shape[1:]
@@ -156,6 +170,18 @@ class CacheWriter:
         """Shards of ``kind`` without a completion record (all of them for a new cache)."""
         done = self._complete[kind]
         return [s for s in range(self.spec.num_shards(kind)) if s not in done]
+
+    def repair(self, kind: str, shards: list[int]) -> list[ShardProblem]:
+        """Check the stored objects of complete ``shards`` against their records (sizes and CRC32C);
+        a bad shard loses its record, so ``missing_shards`` lists it again and it is rewritten."""
+        problems = []
+        for shard in sorted(set(shards) & self._complete[kind]):
+            found = self.location.check_record(kind, shard, self._arrays[kind], cache=self.identity)
+            if found:
+                self.location.remove_record(kind, shard)
+                self._complete[kind].discard(shard)
+                problems += found
+        return problems
 
     def add(
         self,
@@ -232,6 +258,7 @@ class CacheWriter:
     def close(self) -> None:
         """Wait for background writes. Raises ValueError if a shard is still partly filled."""
         self._pool.shutdown(wait=True)
+        self._release()
         self._raise_background_error()
         partial = sorted(self._buffers)
         if partial:
@@ -251,6 +278,11 @@ class CacheWriter:
             self.close()
         else:  # keep the shards that are complete; the interrupted ones are redone on resume
             self._pool.shutdown(wait=True)
+            self._release()
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            self._writer.remove()
 
     # internals ---------------------------------------------------------------------------------------
     def _buffer(self, kind: str, shard: int, sample: int) -> _ShardBuffer:
@@ -284,10 +316,17 @@ class CacheWriter:
 
     def _write_shard(self, kind: str, shard: int, buffer: _ShardBuffer) -> None:
         ids = buffer.sample_ids
-        for array in self._arrays[kind]:
-            self._zarr[array.path][ids.start : ids.stop] = buffer.arrays[array.path]
-        record = self.location.checksum_record(kind, shard, self._arrays[kind], ids)
-        self.location.write_json(CacheLocation.record_key(kind, shard), record)
+        try:
+            for array in self._arrays[kind]:
+                self._zarr[array.path][ids.start : ids.stop] = buffer.arrays[array.path]
+            record = self.location.checksum_record(kind, shard, self._arrays[kind], ids, cache=self.identity)
+            check_identity(self.location, self.identity)
+            self.location.write_json(CacheLocation.record_key(kind, shard), record)
+            self._writer.touch()
+        except OSError as err:  # disk full, permissions, network: name the place
+            raise OSError(
+                err.errno, f"{self.location.url}: writing {kind} shard {shard} failed: {err.strerror or err}"
+            ) from err
         with self._counting:
             self._complete[kind].add(shard)
             self.bytes_written += sum(entry["bytes"] for entry in record["arrays"].values())

@@ -19,6 +19,7 @@ saved tensors are exactly the student's.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 def check_resumable(folder: Path, *, config: dict, fingerprint: dict | None, world_size: int) -> None:
     """Refuse to continue from `folder` with changed settings (but `steps`, `save_every`,
-    `keep_checkpoints`), another cache or another world size (stream positions are per rank).
+    `keep_checkpoints`), another cache or another world size (stream positions are per rank). The run
+    is its settings and its own state: `out` may differ (a moved or renamed run folder resumes).
 
     Raises:
         ValueError: naming every difference.
@@ -65,7 +67,7 @@ def check_resumable(folder: Path, *, config: dict, fingerprint: dict | None, wor
     problems = [
         f"{k}: {saved.get(k)!r} -> {config.get(k)!r}"
         for k in sorted(set(saved) | set(config))
-        if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k)
+        if k not in RESUMABLE_CHANGES | {"out"} and saved.get(k) != config.get(k)
     ]
     if json.loads((folder / "cache.json").read_text()) != fingerprint:
         problems.append("the cache's fingerprint differs from the one the run started with")
@@ -125,16 +127,24 @@ def save_checkpoint(
             )
         scratch = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        student.save_pretrained(scratch / "model", state_dict=model_sd)
-        tokenizer.save_pretrained(scratch / "model")
-        torch.save(optim_sd, scratch / "optimizer.pt")
-        torch.save([r["rng"] for r in per_rank], scratch / "rng.pt")
-        (scratch / "config.json").write_text(json.dumps(config, indent=1))
-        (scratch / "cache.json").write_text(json.dumps(fingerprint, indent=1))
-        full_state = {**state, "world_size": world, "streams": [r["streams"] for r in per_rank]}
-        # state.json last: it marks the folder complete
-        (scratch / "state.json").write_text(json.dumps(full_state, indent=1))
+        try:
+            scratch.mkdir(parents=True)
+            student.save_pretrained(scratch / "model", state_dict=model_sd)
+            tokenizer.save_pretrained(scratch / "model")
+            torch.save(optim_sd, scratch / "optimizer.pt")
+            torch.save([r["rng"] for r in per_rank], scratch / "rng.pt")
+            (scratch / "config.json").write_text(json.dumps(config, indent=1))
+            (scratch / "cache.json").write_text(json.dumps(fingerprint, indent=1))
+            full_state = {**state, "world_size": world, "streams": [r["streams"] for r in per_rank]}
+            # state.json last: it marks the folder complete
+            (scratch / "state.json").write_text(json.dumps(full_state, indent=1))
+        except (OSError, RuntimeError) as err:  # torch.save on a full disk raises a bare RuntimeError
+            shutil.rmtree(scratch, ignore_errors=True)
+            free_mb = shutil.disk_usage(folder.parent).free / 2**20
+            raise OSError(
+                f"writing checkpoint {folder} failed ({' '.join(str(err).split())[:200]}); {free_mb:.0f} MiB "
+                f"free in {folder.parent}. The last complete checkpoint is kept: free space and rerun."
+            ) from err
         shutil.rmtree(folder, ignore_errors=True)
         scratch.rename(folder)
         for old in sorted(p for p in folder.parent.glob("step-*") if p.is_dir())[:-keep]:
@@ -153,17 +163,34 @@ def load_checkpoint(folder: Path, *, model: nn.Module, optimizer: torch.optim.Op
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     broadcast = dist.is_initialized()
-    optim_sd = torch.load(folder / "optimizer.pt", weights_only=False) if rank == 0 or not broadcast else {}
+    optim_sd = _load_tensors(folder / "optimizer.pt") if rank == 0 or not broadcast else {}
     set_optimizer_state_dict(
         model,
         optimizer,
         optim_state_dict=optim_sd,
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
     )
-    rng = torch.load(folder / "rng.pt", weights_only=False)[rank]
+    rng = _load_tensors(folder / "rng.pt")[rank]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((folder / "state.json").read_text())
     state["streams"] = state["streams"][rank]
     return state
+
+
+def _load_tensors(path: Path):
+    """torch.load restricted to tensors and plain containers: a pickled object is refused, never run.
+
+    Raises:
+        ValueError: the file holds anything else (naming it).
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds more than tensors and plain values; refusing to load it (a checkpoint file "
+            "holds only those). Delete that checkpoint folder to resume from an older one."
+        ) from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable torch tensor file: {err}") from err

@@ -43,7 +43,18 @@ class MetricsLog:
     @staticmethod
     def read(path: str | Path) -> list[dict]:
         """Every record of a metrics.jsonl, in order."""
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({err}).") from err
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError(f"{path}, line {number}: a metrics record needs an integer step.")
+            records.append(record)
+        return records
 
 
 def plot_losses(metrics: str | Path, out: str | Path) -> Path:

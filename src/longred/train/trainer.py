@@ -15,15 +15,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from longred.models.identity import fingerprint
-from longred.models.loading import load_tokenizer, resolve_teacher
+from longred.base.logs import LOG
+from longred.models.identity import fingerprint, teacher_identity
+from longred.models.loading import check_trained_window, load_tokenizer, resolve_model, resolve_teacher
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
 from longred.ops.layers import check_layers
 from longred.storage import TeacherCache
@@ -44,10 +45,13 @@ from longred.train.data import (
     short_corpus_source,
     short_windows,
 )
+from longred.train.export import export_student, push_to_hub
+from longred.train.guards import check_finite_step, check_finite_weights
 from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
 from longred.train.parallel import Distributed, gradient_sync, parallelize
 from longred.train.positions import PositionSampler
+from longred.train.run_folder import RunLock, check_model_folder, publish_model
 from longred.train.schedule import STREAMS, LRSchedule, describe_weights, effective_weights, step_plan
 from longred.train.student import (
     build_optimizer,
@@ -56,6 +60,7 @@ from longred.train.student import (
     check_structure,
     load_teacher,
 )
+from longred.train.tracking import Tracker, open_tracker
 
 __all__ = ["Trainer", "run_training"]
 
@@ -70,12 +75,16 @@ class Trainer:
         self.out = Path(config.out)
         self.dist: Distributed | None = None
         self.streams: Streams | None = None
+        self.lock: RunLock | None = None
 
     # build -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
         self.dist = Distributed.setup(cfg.device)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0:  # one run per folder; then refuse a foreign model/ before any work
+            self.lock = RunLock(self.out)
+            check_model_folder(self.out)
         self.cache = TeacherCache(cfg.cache) if cfg.cache else None
         self.source = short_corpus_source(cfg) if cfg.short_corpus else None
         self.fingerprint = json.loads(json.dumps(self.cache.spec.to_attrs())) if self.cache else None
@@ -109,6 +118,12 @@ class Trainer:
             MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.rank == 0 else None
         )
         self.log(describe_weights(cfg, self.plan, micro_tokens))
+        self.tracker = Tracker()
+        if self.dist.rank == 0:
+            self.tracker = open_tracker(
+                cfg.report_to, out=self.out, run_name=self.out.name, config=cfg.to_dict()
+            )
+            self.tracker.log({f"weight_{s}": w for s, w in self.weights["per_step"].items()}, step=self.step)
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} (step {self.step} of {cfg.steps})")
 
@@ -116,7 +131,7 @@ class Trainer:
         """Student (fingerprint-checked, extended RoPE), its wrapped objectives, AdamW, the online teacher."""
         cfg, online = self.config, self.config.teacher_mode == "online"
         teacher_dir = resolve_teacher(cfg.teacher) if cfg.student is None or online else None
-        student_dir = Path(cfg.student) if cfg.student else teacher_dir
+        student_dir = resolve_model(cfg.student, what="Student") if cfg.student else teacher_dir
         reference = None  # the weights the distillation targets come from
         checked = None  # a folder already found to hold them
         if self.cache is not None:
@@ -130,6 +145,7 @@ class Trainer:
         if reference is not None and self.resumed_from is None and student_dir != checked:
             check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
         source = self.resumed_from / "model" if self.resumed_from else student_dir
+        self.student_dir = student_dir  # the initial weights: the exported model card names them
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
             source,
@@ -141,6 +157,9 @@ class Trainer:
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
         self.teacher = load_teacher(teacher_dir, device=self.dist.device) if online else None
+        if online and self.source is not None:  # texts cut here, not by precompute: check their lengths
+            lengths = {"short_len": self.source.short_len, "s2l_len": self.source.s2l_len}
+            check_trained_window(lengths, self.teacher.config)
         self.layers = self._distilled_layers()
         if cfg.distils:  # without a cache, distillation is online: the teacher is loaded
             size = self.cache.spec.hidden_size if self.cache is not None else self.teacher.config.hidden_size
@@ -215,13 +234,12 @@ class Trainer:
         return 0
 
     def log(self, message: str) -> None:
-        """One line of the run log (rank 0): out/train.log, and the console when progress is on."""
+        """One line of the run log (rank 0): out/train.log, and the `longred` logger."""
         if self.dist.rank != 0:
             return
         with (self.out / "train.log").open("a") as file:
             file.write(message + "\n")
-        if self.progress:
-            tqdm.write(message)
+        LOG.info(message)
 
     # loop ------------------------------------------------------------------------------------------
     def micro_batch(self, stream: str, *, step: int, index: int) -> MicroBatch:
@@ -276,11 +294,12 @@ class Trainer:
                 (loss * micro.weight).backward()
             losses.append(loss.detach())  # read once per step: .item() here would sync the GPU per micro-step
             tokens += batch.input_ids_BT.numel()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # inf: measures only
+        values = torch.stack(losses).tolist()  # the step's one host sync, before anything is applied
+        check_finite_step(self, values=values, grad_norm=grad_norm, lr=lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        values = torch.stack(losses).tolist()
         total = sum(micro.weight * value for micro, value in zip(self.plan, values, strict=True))
         per_stream = {
             s: [v for m, v in zip(self.plan, values, strict=True) if m.stream == s] for s in STREAMS
@@ -295,32 +314,34 @@ class Trainer:
         """Run the remaining steps, checkpointing every `save_every` and at the end; returns the summary."""
         cfg = self.config
         quiet = not self.progress or self.dist.rank != 0
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=quiet)
         step_times = []
-        while self.step < cfg.steps:
-            start = time.perf_counter()
-            record = self.train_step()
-            step_times.append(time.perf_counter() - start)
-            self.time_s += step_times[-1]
-            record["time_s"] = round(self.time_s, 4)
-            if self.metrics is not None:
-                self.metrics.write(record)
-            terms = {
-                k.removeprefix("loss_"): f"{v:.4g}"
-                for k, v in record.items()
-                if k[:4] == "loss" and v is not None
-            }
-            bar.update(1)
-            bar.set_postfix(terms | {"tok/s": f"{self.tokens / self.time_s:.0f}"})
-            if self.step == cfg.steps or (cfg.save_every and self.step % cfg.save_every == 0):
-                self.save_checkpoint()
-        bar.close()
+        with tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", disable=quiet) as bar:
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                step_times.append(time.perf_counter() - start)
+                self.time_s += step_times[-1]
+                record["time_s"] = round(self.time_s, 4)
+                if self.metrics is not None:
+                    self.metrics.write(record)
+                self.tracker.log(record | {"tokens_per_s": self.tokens / self.time_s}, step=self.step)
+                terms = {
+                    k.removeprefix("loss_"): f"{v:.4g}"
+                    for k, v in record.items()
+                    if k[:4] == "loss" and v is not None
+                }
+                bar.update(1)
+                bar.set_postfix(terms | {"tok/s": f"{self.tokens / self.time_s:.0f}"})
+                if self.step == cfg.steps or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save_checkpoint()
+        self.tracker.finish()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
-            shutil.rmtree(self.out / "model", ignore_errors=True)
-            shutil.copytree(
-                self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out / "model"
-            )
+            final = self.out / "checkpoints" / checkpoint_name(self.step) / "model"
+            publish_model(final, self.out, finish=self._export)
+            if self.config.push_to_hub:
+                url = push_to_hub(self.out / "model", repo_id=self.config.push_to_hub)
+                self.log(f"pushed the student to {url}")
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
@@ -338,8 +359,24 @@ class Trainer:
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
 
+    def _export(self, folder: Path) -> None:
+        """Finish the final model folder as a plain HF folder with its card (`longred.train.export`)."""
+        original = AutoConfig.from_pretrained(self.student_dir)
+        teacher = self.fingerprint["teacher"] if self.fingerprint else teacher_identity(self.student_dir)
+        export_student(
+            folder,
+            use_cache=getattr(original, "use_cache", True),
+            settings=self.config.to_dict(),
+            card={
+                "teacher": teacher,
+                "cache": self.fingerprint,
+                "summary": {"steps": self.step, "tokens": self.tokens},
+            },
+        )
+
     def save_checkpoint(self) -> None:
-        """Write out/checkpoints/step-N (collective: every rank calls it)."""
+        """Write out/checkpoints/step-N (collective: every rank calls it); never non-finite weights."""
+        check_finite_weights(self)
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -366,6 +403,8 @@ class Trainer:
             self.streams.close()
         if self.dist is not None:
             self.dist.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def run_training(config: TrainConfig, *, progress: bool = True) -> dict:
