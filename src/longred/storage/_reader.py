@@ -112,8 +112,8 @@ class TeacherCache:
         self._group = zarr.open_group(self.location.url, mode="r")
         self.attrs = dict(self._group.attrs)
         self._complete: dict[str, set[int]] = {}
-        self._layouts: dict[str, ShardLayout | None] = {}
         self._checked: dict[tuple[str, int], bool] = {}  # shard -> checksums verified (else sizes)
+        self._layouts: dict[str, ShardLayout | None] = {}
         problems = self.array_problems() if check_arrays else []
         if problems:
             raise CacheCorruptionError(

@@ -78,6 +78,7 @@ class KindSpec:
         object.__setattr__(self, "heldout", tuple(int(i) for i in self.heldout))
         object.__setattr__(self, "position_fraction", float(self.position_fraction))
         object.__setattr__(self, "_heldout_set", frozenset(self.heldout))
+        problems = []
         if self.topk not in TOPK_SAMPLES:
             problems.append(f"topk must be one of {list(TOPK_SAMPLES)}, got {self.topk!r}")
         if not 0.0 < self.position_fraction <= 1.0:
