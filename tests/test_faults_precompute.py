@@ -27,7 +27,7 @@ def test_rerun_repairs_a_corrupt_shard(tiny_teacher_dir, tmp_path, capsys):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x10
     target.write_bytes(bytes(data))
-    (cache / "s2l/hidden/final/c/0/0/0").unlink()  # s2l stores no top-k by default
+    (cache / "s2l/hidden/final/c/0/0/0").unlink()
     assert main(["precompute", *flags(config(tiny_teacher_dir, cache))]) == 0
     assert "2 repaired" in capsys.readouterr().out
     assert verify_cache(str(cache)) == []
