@@ -150,3 +150,27 @@ def test_position_subsets_read_back_and_give_the_restricted_loss(sharp_teacher, 
     want = sum(cosine_distill_loss(student[x], teacher[x], mask_BT=mask_BT) for x in LAYERS)
     assert float(want) > 1e-3
     assert abs(float(loss) - float(want)) <= 1e-6 * float(want)
+
+
+def test_training_with_the_s2l_kl_needs_the_s2l_topk(tmp_path):
+    from cache_fixtures import tiny_spec, write_cache
+    from test_train_config import CONFIGS
+
+    from longred.base.config import load_config
+    from longred.train import TrainConfig
+    from longred.train.data import Streams
+
+    spec = tiny_spec("int8")
+    spec.kinds["s2l"] = KindSpec(length=20, num_samples=5, layers=("final",), topk="none")
+    url = str(tmp_path / "c.zarr")
+    write_cache(url, spec)
+    overrides = dict(out=str(tmp_path / "run"), cache=url, s2l_kl_weight=0.5)
+    config = load_config(TrainConfig, path=str(CONFIGS / "tiny-cpu.yaml"), overrides=overrides)
+    with pytest.raises(ValueError, match=r"s2l_kl_weight=0.5 needs the s2l samples' top-k.*--s2l-topk"):
+        Streams.build(config, windows={}, cache=TeacherCache(url), layers=("1",), rank=0, world_size=1)
+    config = load_config(
+        TrainConfig, path=str(CONFIGS / "tiny-cpu.yaml"), overrides=overrides | {"s2l_kl_weight": 0.0}
+    )
+    streams = Streams.build(config, windows={}, cache=TeacherCache(url), layers=("1",), rank=0, world_size=1)
+    assert set(streams.batch("s2l", 2)) == {"sample_id", "input_ids", "hidden"}
+    streams.close()

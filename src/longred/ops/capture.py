@@ -7,7 +7,8 @@ L + 1 states at once), and the base model runs without ``lm_head``: log-probabil
 from the post-norm state ``C`` tokens at a time, so at most C x V fp32 logits exist: 384 MiB for
 C = 2048 and SmolLM2's 49K vocabulary, 1 GiB for Llama-3's 128K (the full 8 x 8K x 128K would be 32 GiB).
 With ``top_k=None`` (nothing reads a top-k: training short samples, s2l without its KL) the vocabulary
-projection does not run at all (``longred bench precompute`` measures what that saves).
+projection does not run at all: 18.8% of the precompute time of SmolLM2-135M on CPU (``longred bench
+precompute``, ``topk_share``).
 """
 
 from __future__ import annotations

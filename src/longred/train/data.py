@@ -15,7 +15,7 @@ Cached hidden states stay as stored until the device: the cache streams hand ove
 "direction" (int8: the codes alone, 1 byte per value; the per-token scale cancels in the cosine losses),
 collated as they are, moved to the device as int8 and only there cast for the loss. Against the float32
 decode on the host this holds a quarter of the bytes in the prefetched shards and batches, and the reader
-delivers about 15x more values per core-second (`longred bench reader`, README).
+delivers 4-6x more values per core-second than the float32 reader did (`longred bench reader`, README).
 
 Every stream is resumable from `{"seed", "epoch", "position"}`; `Streams.state_dict` gathers them.
 A long window is dealt to ranks by striding (rank r takes items r, r + W, ... of the epoch's permutation)
