@@ -123,7 +123,8 @@ def test_extended_copy_drifts(teacher, extended, texts):
     assert extended.training and not teacher.training
     extended.eval()
     offline = evaluate_short_text(extended, texts)
-    assert online["kl"] > 1e-3 and online["retention"] != pytest.approx(1.0, abs=1e-2)
+    # the held-out texts come from held-out documents now (the split); on them retention moves 0.5%
+    assert online["kl"] > 1e-3 and online["retention"] != pytest.approx(1.0, abs=2e-3)
     assert online["ppl"] == pytest.approx(offline["ppl"], rel=1e-6)
     assert 0 < offline["kl"] <= online["kl"]  # coarsening to K + 1 outcomes never increases a KL
     live = evaluate_drift(extended, texts, teacher_model=teacher)
