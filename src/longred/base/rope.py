@@ -67,7 +67,7 @@ class RopeSpec:
         return _KINDS[self.kind][0]
 
 
-def parse_rope_spec(spec: str) -> RopeSpec:
+def parse_rope_spec(spec: str | RopeSpec) -> RopeSpec:
     """Parse a RoPE spec string such as `abf:theta=2e7` or `llama3:factor=8,low_freq_factor=1`.
 
     Args:
@@ -80,7 +80,9 @@ def parse_rope_spec(spec: str) -> RopeSpec:
         ValueError: unknown kind, unknown/missing/duplicate parameter or a value out of range; the
             message quotes the spec and lists the accepted forms.
     """
-    kind, _, body = spec.strip().partition(":")
+    if isinstance(spec, RopeSpec):
+        return spec
+    kind, _, body = str(spec).strip().partition(":")
     if kind not in _KINDS:
         _fail(spec, f"unknown kind {kind!r} (kinds: {', '.join(_KINDS)})")
     _, required, optional = _KINDS[kind]

@@ -9,7 +9,6 @@ with a random-weight model of a real model's shape.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longred.base.io import atomic_write_json
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.models.identity import teacher_identity
@@ -134,5 +134,5 @@ def run_precompute_benchmark(
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        atomic_write_json(out, result)
     return result

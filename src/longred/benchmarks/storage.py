@@ -18,7 +18,6 @@ Source: the teacher (default: the embedded SmolLM2-135M-Instruct) run over the e
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numcodecs
 import numpy as np
 import torch
 
+from longred.base.io import atomic_write_json
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.models.identity import teacher_identity
@@ -69,7 +69,7 @@ def run_storage_benchmark(
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        atomic_write_json(out, result)
     return result
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from longred.base.io import atomic_write_json
 from longred.models.loading import resolve_teacher
 from longred.precompute.config import PrecomputeConfig
 from longred.precompute.job import run_precompute
@@ -114,7 +115,7 @@ def run_train_benchmark(
         "mem_saved_mb": round(results["online"]["peak_mem_mb"] - results["offline"]["peak_mem_mb"], 1),
     }
     if out is not None:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(out, result)
     return result
 
 

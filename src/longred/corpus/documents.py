@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ RECORD_SUFFIXES = (".jsonl", ".parquet")
 _ACCEPTED = ", ".join((*TEXT_SUFFIXES, *RECORD_SUFFIXES))
 _DATASET_MARKERS = ("dataset_info.json", "state.json")
 _ROWS_PER_BATCH = 1024
+_HUB_DATASET = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%+-]+)?$")
 _CHUNK = 1 << 20
 
 
@@ -31,7 +33,10 @@ def iter_documents(path: str | Path, *, field: str = "text") -> Iterator[str]:
     Args:
         path: `embedded:prose` / `embedded:source`; a .txt/.md/.py/.rst file (one document); a .jsonl or
             .parquet file (one document per record); a folder of such files (recursive, sorted by
-            path, hidden files skipped); or a dataset folder written by `datasets.save_to_disk`.
+            path, hidden files skipped); a glob of such files (`shards/*.jsonl`, sorted); an fsspec
+            URL or URL glob (`hf://datasets/org/name/data/*.parquet`, `s3://...`); a dataset folder
+            written by `datasets.save_to_disk`; or a Hub dataset `org/name[:config][@split]`, streamed
+            with `datasets` (never loaded whole; split `train` unless given).
         field: the record field / column holding the text (JSONL, Parquet, datasets).
 
     Returns:
@@ -49,9 +54,14 @@ def iter_documents(path: str | Path, *, field: str = "text") -> Iterator[str]:
             kinds = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_KINDS)
             raise ValueError(f"Unknown embedded corpus {path!r}; choose one of {kinds}.")
         return embedded_documents(kind)
+    if isinstance(path, str) and (_is_url(path) or _is_glob(path)):
+        files = _matched_files(path)
+        return (document for file in files for document in _file_documents(file, field=field))
     root = Path(path)
     if _is_dataset_folder(root):
         return _dataset_documents(root, field=field)
+    if isinstance(path, str) and not root.exists() and _HUB_DATASET.match(path):
+        return _hub_documents(path, field=field)
     return (document for file in _corpus_files(root) for document in _file_documents(file, field=field))
 
 
@@ -68,7 +78,23 @@ def corpus_sha256(path: str | Path, *, field: str = "text") -> str:
             data = document.encode("utf-8")
             digest.update(len(data).to_bytes(8, "little") + data)
         return digest.hexdigest()
+    if isinstance(path, str) and (_is_url(path) or _is_glob(path)):
+        for file in _matched_files(path):  # remote files by name, size and the store's own checksum
+            info = file.fs.info(file.path)
+            stamp = info.get("sha256") or info.get("ETag") or info.get("etag") or info.get("mtime", "")
+            local = file.fs.protocol in ("file", ("file", "local"))
+            if not local:
+                digest.update(f"{file.path}\0{info.get('size')}\0{stamp}\0".encode())
+                continue
+            digest.update(f"{file.path}\0{info.get('size')}\0".encode())
+            with file as stream:
+                while chunk := stream.read(_CHUNK):
+                    digest.update(chunk)
+        return digest.hexdigest()
     root = Path(path)
+    if isinstance(path, str) and not root.exists() and _HUB_DATASET.match(path):
+        digest.update(f"hub-dataset\0{path}\0".encode())  # identified by name, config and split
+        return digest.hexdigest()
     if _is_dataset_folder(root):
         files = sorted(file for file in root.rglob("*") if file.is_file() and not _hidden(file, root))
     else:
@@ -115,21 +141,61 @@ def _corpus_files(root: Path) -> list[Path]:
     return files
 
 
-def _file_documents(file: Path, *, field: str) -> Iterator[str]:
-    suffix = file.suffix.lower()
+def _is_url(path: str) -> bool:
+    head, sep, _ = path.partition("://")
+    return bool(sep) and head.isidentifier()
+
+
+def _is_glob(path: str) -> bool:
+    return any(char in path for char in "*?[")
+
+
+def _matched_files(pattern: str) -> list:
+    """The fsspec files a URL or glob names, sorted by path; accepted extensions only."""
+    import fsspec
+
+    files = fsspec.open_files(pattern, mode="rb")
+    kept = sorted(
+        (f for f in files if Path(f.path).suffix.lower() in (*TEXT_SUFFIXES, *RECORD_SUFFIXES)),
+        key=lambda f: f.path,
+    )
+    if not kept:
+        raise FileNotFoundError(
+            f"Corpus {pattern!r} matches no file with an accepted extension ({_ACCEPTED}); "
+            f"{len(files)} file(s) matched in all."
+        )
+    return kept
+
+
+def _file_documents(file, *, field: str) -> Iterator[str]:
+    """Documents of a local `Path` or an fsspec `OpenFile`."""
+    suffix = Path(file.path if hasattr(file, "fs") else file).suffix.lower()
     if suffix == ".jsonl":
         yield from _jsonl_documents(file, field=field)
     elif suffix == ".parquet":
         yield from _parquet_documents(file, field=field)
     else:
+        with _open(file) as stream:
+            data = stream.read()
         try:
-            yield file.read_text(encoding="utf-8")
+            yield data.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"Corpus file {str(file)!r} is not UTF-8 text ({error.reason}).") from error
+            raise ValueError(f"Corpus file {_name(file)!r} is not UTF-8 text ({error.reason}).") from error
 
 
-def _jsonl_documents(file: Path, *, field: str) -> Iterator[str]:
-    with file.open(encoding="utf-8") as lines:
+def _open(file):
+    return file.open("rb") if isinstance(file, Path) else file
+
+
+def _name(file) -> str:
+    return str(file) if isinstance(file, Path) else file.full_name
+
+
+def _jsonl_documents(file, *, field: str) -> Iterator[str]:
+    import io
+
+    with _open(file) as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines:
+        file = _name(file)
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -143,8 +209,12 @@ def _jsonl_documents(file: Path, *, field: str) -> Iterator[str]:
             yield _text(record[field], where=f"{file}, line {number}", field=field)
 
 
-def _parquet_documents(file: Path, *, field: str) -> Iterator[str]:
-    parquet = pq.ParquetFile(file)
+def _parquet_documents(file, *, field: str) -> Iterator[str]:
+    with _open(file) as stream:
+        yield from _parquet_rows(pq.ParquetFile(stream), _name(file), field=field)
+
+
+def _parquet_rows(parquet: pq.ParquetFile, file: str, *, field: str) -> Iterator[str]:
     if field not in parquet.schema_arrow.names:
         columns = ", ".join(parquet.schema_arrow.names)
         raise ValueError(f"{file}: no column {field!r} (columns: {columns}).")
@@ -171,6 +241,31 @@ def _dataset_documents(root: Path, *, field: str) -> Iterator[str]:
                 row += 1
 
     return rows()
+
+
+def _hub_documents(name: str, *, field: str) -> Iterator[str]:
+    """A Hub dataset `org/name[:config][@split]`, streamed (fixed order: shards as published)."""
+    import datasets
+
+    repo, _, split = name.partition("@")
+    repo, _, config = repo.partition(":")
+    try:
+        dataset = datasets.load_dataset(repo, config or None, split=split or "train", streaming=True)
+    except Exception as err:  # offline, unknown or gated: say what was tried
+        from huggingface_hub import constants
+
+        offline = (
+            " (HF_HUB_OFFLINE is set: Hub datasets need the network)" if constants.HF_HUB_OFFLINE else ""
+        )
+        raise FileNotFoundError(
+            f"Corpus {name!r} is not a local path, and loading it as a Hub dataset failed{offline}: {err}"
+        ) from err
+    if dataset.column_names is not None and field not in dataset.column_names:
+        raise ValueError(
+            f"Hub dataset {name!r}: no column {field!r} (columns: {', '.join(dataset.column_names)})."
+        )
+    for row, record in enumerate(dataset):
+        yield _text(record[field], where=f"{name}, row {row}", field=field)
 
 
 def _text(value: object, *, where: str, field: str) -> str:

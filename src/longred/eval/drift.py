@@ -1,4 +1,4 @@
-"""Drift against the teacher per layer: mean hidden-state cosine and attention KL, METHOD.md's two
+"""Drift against the teacher per layer: mean hidden-state cosine and attention KL, docs/METHOD.md's two
 drift measures, on the held-out short texts at positions 0..T-1.
 
 With the teacher model, every layer is measured live by `precompute.select_layers.measure_layer_drift`

@@ -11,12 +11,13 @@ import itertools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from longred.base.config import check
-from longred.base.rope import parse_rope_spec
+from longred.base.config import at_least, check, comma_list, one_of
+from longred.base.rope import RopeSpec, parse_rope_spec
+from longred.base.urls import check_urls
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import evaluate_model
@@ -24,7 +25,7 @@ from longred.eval.passkey import make_passkey_cases
 from longred.eval.report import write_report
 from longred.eval.short_text import load_short_texts, short_texts_from_corpus
 from longred.models.identity import fingerprint_differences
-from longred.models.loading import load_model, load_tokenizer, model_config, resolve_teacher
+from longred.models.loading import load_model, load_tokenizer, model_config, resolve_model, resolve_teacher
 from longred.storage import TeacherCache
 
 __all__ = ["EvalConfig", "run_eval"]
@@ -48,7 +49,7 @@ class EvalConfig:
     cosine at every layer). offline: the cache alone (top-k + tail KL, cosine at the cached layers)."""
     cache: str | None = None
     """Teacher cache whose held-out short samples are the short texts; None = cut them from short_corpus."""
-    rope: str | None = None
+    rope: RopeSpec | None = None
     """RoPE spec applied to the model before it is built (e.g. abf:theta=1e7 to evaluate the extended
     model before training); None keeps the model's own RoPE."""
     max_position_embeddings: int | None = None
@@ -88,17 +89,21 @@ class EvalConfig:
     device: str | None = None
     """Where the models run; None = cuda when available, else cpu."""
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "teacher_mode": _TEACHER_MODES,
+        "long_packing": _PACKINGS,
+    }
+
     def __post_init__(self) -> None:
         if isinstance(self.passkey_lengths, str):
-            self.passkey_lengths = [int(x) for x in self.passkey_lengths.split(",") if x.strip()]
+            self.passkey_lengths = [int(x) for x in comma_list(self.passkey_lengths)]
         problems = []
-        if self.teacher_mode not in _TEACHER_MODES:
-            problems.append(f"teacher_mode must be one of {list(_TEACHER_MODES)}, got {self.teacher_mode!r}")
-        elif self.teacher_mode == "offline" and self.cache is None:
+        problems += one_of(self)
+        if self.teacher_mode == "offline" and self.cache is None:
             problems.append("teacher_mode 'offline' needs a cache (the teacher's stored targets)")
-        if self.long_packing not in _PACKINGS:
-            problems.append(f"long_packing must be one of {list(_PACKINGS)}, got {self.long_packing!r}")
-        for name in (
+        problems += at_least(
+            self,
+            1,
             "short_len",
             "short_samples",
             "long_samples",
@@ -106,9 +111,7 @@ class EvalConfig:
             "passkey_trials",
             "batch_size",
             "chunk_tokens",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        )
         if self.long_skip < 0:
             problems.append(f"long_skip must be >= 0, got {self.long_skip}")
         if self.long_len is not None and self.long_len < 2:
@@ -117,11 +120,12 @@ class EvalConfig:
             problems.append("passkey_lengths must name at least one length (or be omitted)")
         if self.rope is not None:
             try:
-                parse_rope_spec(self.rope)
+                self.rope = parse_rope_spec(self.rope)  # parsed once
             except ValueError as err:
                 problems.append(f"rope: {err}")
         elif self.max_position_embeddings is not None:
             problems.append("max_position_embeddings is only used with rope; give a rope spec or drop it")
+        problems += check_urls(self, stores=("cache",), folders=("out",))
         check(problems, "eval")
 
 
@@ -197,6 +201,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     label = Path(config.model).name + (f" ({config.rope})" if config.rope else "")
     meta = {
         **asdict(config),
+        "rope": None if config.rope is None else str(config.rope),
         "device": device,
         "teacher": str(teacher_dir),
         "model_rope": model.config.rope_parameters,
@@ -223,11 +228,12 @@ def _check_teacher_matches(cache: TeacherCache, teacher_dir: Path) -> None:
 
 def _load_evaluated_model(config: EvalConfig, *, device: str) -> Any:
     """The model, with `config.rope` applied before it is built (abf's window: the longest length)."""
+    folder = resolve_model(config.model)
     window = config.max_position_embeddings
-    if config.rope is not None and window is None and parse_rope_spec(config.rope).kind == "abf":
-        original = model_config(config.model).max_position_embeddings
+    if config.rope is not None and window is None and config.rope.kind == "abf":
+        original = model_config(folder).max_position_embeddings
         window = max(original, config.long_len or original, *(config.passkey_lengths or ()))
-    model = load_model(config.model, device=device, rope=config.rope, max_position_embeddings=window)
+    model = load_model(folder, device=device, rope=config.rope, max_position_embeddings=window)
     return model.requires_grad_(False)
 
 

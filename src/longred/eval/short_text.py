@@ -1,6 +1,6 @@
 """Short-text retention: perplexity on held-out short texts and KL(teacher || model) on the same tokens.
 
-Extension shows up on short texts first (METHOD.md): the model's perplexity rises, and its next-token
+Extension shows up on short texts first (docs/METHOD.md): the model's perplexity rises, and its next-token
 distribution moves away from the teacher's. Perplexity alone can hide the second: training on a related
 domain lowers it while the model still drifts, so both are reported.
 

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from longred.models.hub import hub_source
+
 __all__ = ["fingerprint", "fingerprint_differences", "teacher_identity", "tokenizer_sha256"]
 
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
@@ -22,7 +24,8 @@ def teacher_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     """Identify a teacher folder by content.
 
     Returns:
-        `{"name": folder name, "config_sha256": sha256 of config.json without volatile keys
+        `{"name": the Hub id for a Hugging Face cache snapshot (then also "revision", its commit), else
+        the folder name, "config_sha256": sha256 of config.json without volatile keys
         (transformers_version, _name_or_path, dtype, torch_dtype), "weights_sha256": sha256 over the
         bytes of the *.safetensors files in name order}`.
 
@@ -40,8 +43,10 @@ def teacher_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"Teacher {str(path)!r}: no *.safetensors weights in it.")
+    source = hub_source(folder)
     return {
-        "name": folder.resolve().name,
+        "name": source["hub_id"] if source else folder.resolve().name,
+        **({"revision": source["revision"]} if source else {}),
         "config_sha256": hashlib.sha256(canonical).hexdigest(),
         "weights_sha256": _sha256_files(weights),
     }

@@ -12,27 +12,32 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from longred.base.rope import RopeSpec, apply_rope_spec
 from longred.models.embedded import EMBEDDED_TEACHER, embedded_teacher_dir
+from longred.models.hub import resolve_model
 
-__all__ = ["load_model", "load_tokenizer", "resolve_teacher", "model_config", "check_trained_window"]
+__all__ = [
+    "check_trained_window",
+    "load_model",
+    "load_tokenizer",
+    "model_config",
+    "resolve_model",
+    "resolve_teacher",
+]
 
 
-def resolve_teacher(path: str | os.PathLike[str] | None) -> Path:
-    """Map a teacher argument to a model folder: None is the embedded default, else a local folder.
+def resolve_teacher(name: str | os.PathLike[str] | None) -> Path:
+    """Map a teacher argument to a model folder: None is the embedded default, else a local folder or a
+    Hub id (see `longred.models.hub.resolve_model`).
 
     Raises:
         MissingTeacherError: None was given and the embedded teacher is not installed.
-        FileNotFoundError: the folder does not exist or has no config.json.
+        FileNotFoundError: no such folder, no config.json in it, or a Hub id that cannot be had.
     """
-    if path is None:
+    if name is None:
         return embedded_teacher_dir()
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"Teacher {str(path)!r}: expected a Hugging Face model folder with config.json "
-            f"({'no config.json in it' if folder.is_dir() else 'no such folder'}). Omit the teacher "
-            f"to use the embedded {EMBEDDED_TEACHER}."
-        )
-    return folder
+    try:
+        return resolve_model(name, what="Teacher")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} Omit the teacher to use the embedded {EMBEDDED_TEACHER}.") from err
 
 
 def load_model(

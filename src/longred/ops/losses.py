@@ -13,7 +13,7 @@ extra vocabulary projection per chunk in the backward (the recompute activation 
 the fused alternative that writes gradients during the forward (Liger-Kernel's
 FusedLinearCrossEntropy) avoids it but keeps a V x D gradient buffer alive.
 
-`cosine_distill_loss` is the hidden-state target of both distillation objectives (METHOD.md):
+`cosine_distill_loss` is the hidden-state target of both distillation objectives (docs/METHOD.md):
 1 - mean cosine, in fp32, invariant to each token's scale (so quantised or bf16 teachers are fine).
 
 Legend: B batch, T tokens, D hidden size, V vocabulary, K teacher top-k, N = B * T flattened tokens,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from typing import ClassVar
 
-from longred.base.config import at_least, check, comma_list
+from longred.base.config import at_least, check, comma_list, one_of
+from longred.base.urls import check_urls
 from longred.corpus.windows import PACKINGS, SampleSpec
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K
 from longred.storage import CODECS
@@ -54,18 +56,18 @@ class PrecomputeConfig:
     overwrite: bool = False
     """Replace an existing cache made from other inputs instead of refusing it."""
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"codec": tuple(sorted(CODECS)), "packing": PACKINGS}
+
     def __post_init__(self) -> None:
         self.layers = list(comma_list(self.layers))
         problems = at_least(
             self, 1, "short_len", "short_samples", "s2l_len", "top_k", "batch_tokens", "shard_samples"
         )
         problems += at_least(self, 0, "heldout", "s2l_samples")
-        if self.codec not in CODECS:
-            problems.append(f"codec must be one of {sorted(CODECS)}, got {self.codec!r}")
-        if self.packing not in PACKINGS:
-            problems.append(f"packing must be 'pack' or 'document', got {self.packing!r}")
+        problems += one_of(self)
         if not self.layers:
             problems.append("layers must name at least one layer")
+        problems += check_urls(self, stores=("out",), folders=())
         check(problems, "precompute")
 
     def sample_spec(self) -> SampleSpec:

@@ -4,7 +4,6 @@ and the extended RoPE, keep the most-drifted ones plus "final", and write a repo
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers import AutoConfig
 
-from longred.base.io import atomic_write
+from longred.base.io import atomic_write, atomic_write_json
 from longred.base.rope import parse_rope_spec
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
@@ -124,16 +123,22 @@ def select_layers(
         "layers": [asdict(d) for d in drift],
         "chosen": chosen,
     }
-    folder = Path(out)
+    _write_report(Path(out), report, drift=drift, chosen=chosen, title=str(spec))
+    return report
+
+
+def _write_report(
+    folder: Path, report: dict, *, drift: list[LayerDrift], chosen: list[str], title: str
+) -> None:
+    """layer_drift.json and layer_drift.png in `folder`, and the table and chosen flag on stdout."""
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "layer_drift.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write_json(folder / "layer_drift.json", report, indent=2)
     atomic_write(
         folder / "layer_drift.png",
-        lambda f: _plot(drift, chosen=chosen, title=str(spec)).savefig(f, format="png"),
+        lambda f: _plot(drift, chosen=chosen, title=title).savefig(f, format="png"),
     )
     print(_table(drift, chosen=chosen))
     print("--layers " + ",".join(chosen))
-    return report
 
 
 def _table(drift: list[LayerDrift], *, chosen: list[str]) -> str:

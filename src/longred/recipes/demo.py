@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from longred.base.io import atomic_write_json
+from longred.base.logs import LOG
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import HEADLINE_KEYS, evaluate_model
@@ -197,7 +198,7 @@ def run_demo(*, preset: str = "quick", out: str = "runs/demo", progress: bool = 
         },
         "meta": meta,
     }
-    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write_json(folder / "results.json", results)
     print(format_table(results))
     return results
 
@@ -298,4 +299,4 @@ def _fmt(value, spec: str) -> str:
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(message, flush=True)
+        LOG.info(message)

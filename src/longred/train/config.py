@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
-from longred.base.config import check
-from longred.base.rope import parse_rope_spec
+from longred.base.config import at_least, check, comma_list, one_of
+from longred.base.rope import RopeSpec, parse_rope_spec
+from longred.base.urls import check_urls
+from longred.corpus.windows import PACKINGS
+from longred.train.tracking import REPORT_TO
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE_CHANGES", "SHORT_CORPUS_SETTINGS"]
 
 METHODS = ("longred-c", "longred-u", "long-cpt", "mix-cpt")
 """LongReD with CREAM / uniform skipped positions; long-text-only and mixed-text continual pre-training."""
-RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"steps", "save_every", "keep_checkpoints", "report_to", "push_to_hub"})
 """Settings a rerun on the same `out` may change; any other difference refuses to resume."""
 SHORT_CORPUS_SETTINGS = ("short_len", "short_samples", "s2l_len", "s2l_samples", "top_k")
 """How the texts are cut from short_corpus (`longred precompute`'s settings of the same names)."""
@@ -40,7 +44,7 @@ class TrainConfig:
     """Seed of the data order, the skipped positions and the long-text windows."""
 
     # model -----------------------------------------------------------------------------------------
-    rope: str
+    rope: RopeSpec
     """Extended RoPE of the student, e.g. abf:theta=2e7, pi:factor=4, yarn:factor=4 (longred.base.rope)."""
     long_len: int
     """Tokens per long text (T_long); each long sample holds long_len + 1 tokens."""
@@ -102,9 +106,9 @@ class TrainConfig:
     interleave: str = "8,6,2"
     """Micro-steps per optimizer step for long, short, s2l (combine interleaved)."""
     alpha_short: float = 5.0
-    """a1, weight of L_short (METHOD.md: 5 at 32K, 2 at 128K)."""
+    """a1, weight of L_short (docs/METHOD.md: 5 at 32K, 2 at 128K)."""
     alpha_s2l: float = 10.0
-    """a2, weight of L_s2l (METHOD.md: 10 at 32K, 15 at 128K)."""
+    """a2, weight of L_s2l (docs/METHOD.md: 10 at 32K, 15 at 128K)."""
     s2l_kl_weight: float = 0.0
     """Adds this times KL(teacher top-k + tail || student) to L_s2l (0: cosine only, as the paper)."""
     teacher_mode: str = "offline"
@@ -143,37 +147,33 @@ class TrainConfig:
     """Checkpoint every N steps (the last step is always saved; 0: only the last)."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints (older ones are deleted)."""
+    push_to_hub: str | None = None
+    """Hub repository (org/name) the final student is uploaded to after training (needs a token)."""
+    report_to: str = "none"
+    """Experiment tracking: none, tensorboard (out/tensorboard), wandb, trackio or mlflow (extras)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": METHODS,
+        "combine": ("weighted", "interleaved"),
+        "teacher_mode": ("offline", "online"),
+        "long_packing": PACKINGS,
+        "decay": ("constant", "cosine"),
+        "parallel": ("ddp", "fsdp"),
+        "dtype": ("float32", "bfloat16"),
+        "report_to": REPORT_TO,
+    }
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            self.layers = self.layers.split(",")
         if self.layers is not None:
-            self.layers = [str(x).strip() for x in self.layers]
-        problems: list[str] = []
-        choices = {
-            "method": METHODS,
-            "combine": ("weighted", "interleaved"),
-            "teacher_mode": ("offline", "online"),
-            "long_packing": ("pack", "document"),
-            "decay": ("constant", "cosine"),
-            "parallel": ("ddp", "fsdp"),
-            "dtype": ("float32", "bfloat16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in (
-            "steps",
-            "long_samples",
-            "long_batch",
-            "short_batch",
-            "s2l_batch",
-            "chunk_tokens",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
+            self.layers = list(comma_list(self.layers))
+        problems = one_of(self)
+        problems += at_least(
+            self, 1, "steps", "long_samples", "long_batch", "short_batch", "s2l_batch", "chunk_tokens"
+        )
+        problems += at_least(self, 1, "keep_checkpoints")
+        problems += at_least(
+            self,
+            0,
             "warmup_steps",
             "save_every",
             "alpha_short",
@@ -181,9 +181,7 @@ class TrainConfig:
             "s2l_kl_weight",
             "weight_decay",
             "grad_clip",
-        ):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        )
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -196,21 +194,22 @@ class TrainConfig:
                 "unset it to use long_len"
             )
         try:
-            parse_rope_spec(self.rope)
+            self.rope = parse_rope_spec(self.rope)  # parsed once: every later use holds the spec
         except ValueError as err:
             problems.append(f"rope: {err}")
         problems += self._objective_problems()
+        problems += check_urls(self, stores=("cache",), folders=("out",))
         check(problems, "train")
 
     def _objective_problems(self) -> list[str]:
         problems = []
         distils = self.method in ("longred-c", "longred-u")
-        for name in SHORT_CORPUS_SETTINGS:
-            value = getattr(self, name)
-            if value is not None and self.short_corpus is None:
-                problems.append(f"{name} applies to the texts cut from short_corpus; a cache fixes it")
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1, got {value}")
+        given = [name for name in SHORT_CORPUS_SETTINGS if getattr(self, name) is not None]
+        if self.short_corpus is None:
+            problems += [
+                f"{name} applies to the texts cut from short_corpus; a cache fixes it" for name in given
+            ]
+        problems += at_least(self, 1, *given)
         if self.short_corpus is not None and self.method == "long-cpt":
             problems.append("short_corpus is unused: method long-cpt trains on long texts only")
         if self.cache is not None and self.short_corpus is not None:
@@ -258,7 +257,7 @@ class TrainConfig:
     @property
     def interleave_counts(self) -> tuple[int, int, int]:
         """(long, short, s2l) micro-steps of an interleaved optimizer step."""
-        parts = [int(x) for x in str(self.interleave).split(",")]
+        parts = [int(x) for x in comma_list(str(self.interleave))]
         if len(parts) != 3:
             raise ValueError(f"interleave needs 3 counts, got {self.interleave!r}")
         return parts[0], parts[1], parts[2]
@@ -274,5 +273,5 @@ class TrainConfig:
         return self.method in ("longred-c", "longred-u")
 
     def to_dict(self) -> dict:
-        """The resolved settings, JSON- and YAML-able."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The resolved settings, JSON- and YAML-able (the RoPE spec as its canonical string)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"rope": str(self.rope)}

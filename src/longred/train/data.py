@@ -22,7 +22,6 @@ Legend: N windows, B batch rows, T tokens, D hidden size, K top-k.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from longred.base.io import atomic_write
 from longred.corpus.documents import iter_documents
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples
 from longred.storage import HiddenCodec, TargetStream, TeacherCache, collate
@@ -167,9 +167,7 @@ def _tokenized_once(
         arrays = build()
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
-            scratch = folder / f".{name}-{os.getpid()}.npy"
-            np.save(scratch, array)
-            scratch.replace(folder / f"{name}.npy")
+            atomic_write(folder / f"{name}.npy", lambda stream, array=array: np.save(stream, array))
         meta_file.write_text(json.dumps({"meta": meta, "arrays": sorted(arrays)}))
     barrier()
     names = json.loads(meta_file.read_text())["arrays"]

@@ -1,4 +1,4 @@
-"""The student's loss on one micro-batch, for each of the three objectives (METHOD.md):
+"""The student's loss on one micro-batch, for each of the three objectives (docs/METHOD.md):
 
 - `ce` (long texts; short and s2l texts in mix-cpt): next-token cross-entropy, chunked over tokens
   (`chunked_cross_entropy`), so the full-vocabulary logits of a 32K-token text never exist at once.

@@ -1,9 +1,9 @@
 """Skipped position ids for short-to-long (s2l) distillation.
 
 A text of the original window length L goes through the student with position ids that span the
-extended window L' = f * L; the teacher sees positions 0..L-1 (METHOD.md, "Skipped position ids").
+extended window L' = f * L; the teacher sees positions 0..L-1 (docs/METHOD.md, "Skipped position ids").
 Per batch, head = tail = L // 3 or head = tail = round(4 * f), each with probability 1/2 (one draw per
-batch, as METHOD.md and the authors' code do). Head keeps [0, head), tail gets [L' - tail, L'), and the
+batch, as docs/METHOD.md and the authors' code do). Head keeps [0, head), tail gets [L' - tail, L'), and the
 contiguous middle block (`chunk` = L - head - tail tokens) ends at `end`, drawn per row (the authors'
 code draws r and `end` once per sample inside the batch loop; we do the same):
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from longred.base.io import atomic_write_json
@@ -84,13 +85,16 @@ def check_model_folder(out: Path) -> None:
         )
 
 
-def publish_model(source: Path, out: Path) -> Path:
-    """Copy `source` (a checkpoint's model folder) to `out/model/`, replacing only a folder of ours."""
+def publish_model(source: Path, out: Path, *, finish: Callable[[Path], None] | None = None) -> Path:
+    """Copy `source` (a checkpoint's model folder) to `out/model/`, replacing only a folder of ours;
+    `finish(folder)` completes the copy (model card, config keys) before it is published."""
     out = Path(out)
     target, scratch, old = out / "model", out / ".model.tmp", out / ".model.old"
     check_model_folder(out)
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(source, scratch)
+    if finish is not None:
+        finish(scratch)
     files = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file())
     previous = json.loads((out / _MANIFEST).read_text())["files"] if (out / _MANIFEST).is_file() else []
     atomic_write_json(out / _MANIFEST, {"files": sorted(set(files) | set(previous))})  # until the swap

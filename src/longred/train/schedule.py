@@ -1,6 +1,6 @@
 """What one optimizer step is made of (the micro-step plan, with each objective's weight) and the LR schedule.
 
-Two ways to combine the objectives (METHOD.md, "Recipe"):
+Two ways to combine the objectives (docs/METHOD.md, "The paper's recipe"):
 - `weighted`: one micro-batch of every stream per step, L = L_long + a1 L_short + a2 L_s2l.
 - `interleaved`: the authors' schedule, n_long + n_short + n_s2l micro-steps (8 + 6 + 2 = 16) in one
   accumulation window, each loss times its alpha and divided by the window; the effective weights are

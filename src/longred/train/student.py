@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers import AutoConfig
 
-from longred.base.rope import parse_rope_spec
+from longred.base.rope import RopeSpec
 from longred.models.identity import fingerprint_differences
 from longred.models.loading import load_model
 
@@ -73,7 +74,7 @@ def check_fingerprint(student_dir: str | Path, reference: dict, *, allow_other: 
 def build_student(
     path: str | Path,
     *,
-    rope: str | None,
+    rope: RopeSpec | None,
     window: int,
     dtype: str,
     device: torch.device,
@@ -85,7 +86,7 @@ def build_student(
     Args:
         path: Hugging Face folder of the initial weights (or a checkpoint's, whose config has the RoPE).
         rope: RoPE spec applied before the model is built; None keeps the folder's RoPE (resuming).
-        window: the new max_position_embeddings.
+        window: the new max_position_embeddings (at least the original's).
         dtype: "float32" or "bfloat16" parameters.
         device: where the weights go.
         attn_implementation: None for the default (see `longred.models.loading.load_model`).
@@ -94,12 +95,14 @@ def build_student(
     Returns:
         A `*ForCausalLM` whose config carries the new `rope_parameters` and `max_position_embeddings`.
     """
+    # the extended window never shrinks below the original's (a 1K training window on an 8K model)
+    window = max(window, AutoConfig.from_pretrained(path).max_position_embeddings)
     student = load_model(
         path,
         dtype=_DTYPES[dtype],
         device=device,
         rope=rope,
-        max_position_embeddings=None if rope is None else parse_rope_spec(rope).window(window),
+        max_position_embeddings=None if rope is None else rope.window(window),
         attn_implementation=attn_implementation,
     )
     student.config.use_cache = False

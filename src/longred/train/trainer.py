@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from longred.models.identity import fingerprint
-from longred.models.loading import check_trained_window, load_tokenizer, resolve_teacher
+from longred.base.logs import LOG
+from longred.models.identity import fingerprint, teacher_identity
+from longred.models.loading import check_trained_window, load_tokenizer, resolve_model, resolve_teacher
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
 from longred.ops.layers import check_layers
 from longred.storage import TeacherCache
@@ -43,6 +45,7 @@ from longred.train.data import (
     short_corpus_source,
     short_windows,
 )
+from longred.train.export import export_student, push_to_hub
 from longred.train.guards import check_finite_step, check_finite_weights
 from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
@@ -57,6 +60,7 @@ from longred.train.student import (
     check_structure,
     load_teacher,
 )
+from longred.train.tracking import Tracker, open_tracker
 
 __all__ = ["Trainer", "run_training"]
 
@@ -114,6 +118,12 @@ class Trainer:
             MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.rank == 0 else None
         )
         self.log(describe_weights(cfg, self.plan, micro_tokens))
+        self.tracker = Tracker()
+        if self.dist.rank == 0:
+            self.tracker = open_tracker(
+                cfg.report_to, out=self.out, run_name=self.out.name, config=cfg.to_dict()
+            )
+            self.tracker.log({f"weight_{s}": w for s, w in self.weights["per_step"].items()}, step=self.step)
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} (step {self.step} of {cfg.steps})")
 
@@ -121,7 +131,7 @@ class Trainer:
         """Student (fingerprint-checked, extended RoPE), its wrapped objectives, AdamW, the online teacher."""
         cfg, online = self.config, self.config.teacher_mode == "online"
         teacher_dir = resolve_teacher(cfg.teacher) if cfg.student is None or online else None
-        student_dir = Path(cfg.student) if cfg.student else teacher_dir
+        student_dir = resolve_model(cfg.student, what="Student") if cfg.student else teacher_dir
         reference = None  # the weights the distillation targets come from
         checked = None  # a folder already found to hold them
         if self.cache is not None:
@@ -135,6 +145,7 @@ class Trainer:
         if reference is not None and self.resumed_from is None and student_dir != checked:
             check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
         source = self.resumed_from / "model" if self.resumed_from else student_dir
+        self.student_dir = student_dir  # the initial weights: the exported model card names them
         self.tokenizer = load_tokenizer(source)
         self.student = build_student(
             source,
@@ -221,13 +232,12 @@ class Trainer:
         return 0
 
     def log(self, message: str) -> None:
-        """One line of the run log (rank 0): out/train.log, and the console when progress is on."""
+        """One line of the run log (rank 0): out/train.log, and the `longred` logger."""
         if self.dist.rank != 0:
             return
         with (self.out / "train.log").open("a") as file:
             file.write(message + "\n")
-        if self.progress:
-            tqdm.write(message)
+        LOG.info(message)
 
     # loop ------------------------------------------------------------------------------------------
     def micro_batch(self, stream: str, *, step: int, index: int) -> MicroBatch:
@@ -312,6 +322,7 @@ class Trainer:
                 record["time_s"] = round(self.time_s, 4)
                 if self.metrics is not None:
                     self.metrics.write(record)
+                self.tracker.log(record | {"tokens_per_s": self.tokens / self.time_s}, step=self.step)
                 terms = {
                     k.removeprefix("loss_"): f"{v:.4g}"
                     for k, v in record.items()
@@ -321,9 +332,14 @@ class Trainer:
                 bar.set_postfix(terms | {"tok/s": f"{self.tokens / self.time_s:.0f}"})
                 if self.step == cfg.steps or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save_checkpoint()
+        self.tracker.finish()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
-            publish_model(self.out / "checkpoints" / checkpoint_name(self.step) / "model", self.out)
+            final = self.out / "checkpoints" / checkpoint_name(self.step) / "model"
+            publish_model(final, self.out, finish=self._export)
+            if self.config.push_to_hub:
+                url = push_to_hub(self.out / "model", repo_id=self.config.push_to_hub)
+                self.log(f"pushed the student to {url}")
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
@@ -339,6 +355,21 @@ class Trainer:
             "metrics": str(self.out / "metrics.jsonl"),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
+
+    def _export(self, folder: Path) -> None:
+        """Finish the final model folder as a plain HF folder with its card (`longred.train.export`)."""
+        original = AutoConfig.from_pretrained(self.student_dir)
+        teacher = self.fingerprint["teacher"] if self.fingerprint else teacher_identity(self.student_dir)
+        export_student(
+            folder,
+            use_cache=getattr(original, "use_cache", True),
+            settings=self.config.to_dict(),
+            card={
+                "teacher": teacher,
+                "cache": self.fingerprint,
+                "summary": {"steps": self.step, "tokens": self.tokens},
+            },
+        )
 
     def save_checkpoint(self) -> None:
         """Write out/checkpoints/step-N (collective: every rank calls it); never non-finite weights."""
