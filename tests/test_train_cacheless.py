@@ -105,6 +105,7 @@ def test_a_student_other_than_the_online_teacher_is_refused(tiny_teacher_dir, sh
 
 
 def test_too_long_s2l_texts_are_refused_before_cutting(tiny_teacher_dir, tmp_path):
-    with pytest.raises(ValueError, match="s2l samples have 512 tokens, more than the window 256"):
+    # beyond the tiny teacher's trained window (256) as well as the student's: the teacher check comes first
+    with pytest.raises(ValueError, match="s2l_len 512 exceeds the teacher's trained window of 256"):
         run_training(cacheless(tiny_teacher_dir, tmp_path / "long", s2l_len=512), progress=False)
     assert not (tmp_path / "long/data").exists(), "refused before any text was tokenized"
