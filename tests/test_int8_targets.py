@@ -133,7 +133,7 @@ def test_int8_codes_give_the_decoded_losses_and_gradients(sharp_teacher, int8_ca
 def test_online_rounding_runs_on_the_device_as_the_cache_decodes():
     """OnlineTargets rounds on the teacher's device: the same values as encode -> host -> decode."""
     from longred.ops.capture import CapturedTargets
-    from longred.train.data import OnlineTargets
+    from longred.train.online import OnlineTargets
 
     hidden_BTD = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)) * 3
     for name in sorted(CODECS):

@@ -32,4 +32,4 @@ def test_missing_tracker_library_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(
         ValueError, match=r"report_to wandb needs the wandb package: pip install 'longred\[wandb\]'"
     ):
-        open_tracker("wandb", out=tmp_path, run_name="r", config={})
+        open_tracker("wandb", out=tmp_path, config={})

@@ -66,6 +66,72 @@ MODES = {
 MB = 2**20
 
 
+def _student(model: str, *, dtype: str, checkpointing: bool, trainable: str, lora_rank: int):
+    """The student of `measure_step` in train mode with the mode applied, and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longred.models.embedded import embedded_teacher_dir
+    from longred.models.loading import load_model, load_tokenizer
+    from longred.train.trainable import apply_trainable
+
+    torch.manual_seed(0)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if model == "random-1b":
+        with torch.device("cpu"):
+            student = LlamaForCausalLM(LlamaConfig(**RANDOM_1B)).to(torch_dtype)
+        tokenizer = load_tokenizer(embedded_teacher_dir())
+    else:
+        student = load_model(model, dtype=torch_dtype, device=torch.device("cpu"))
+        tokenizer = load_tokenizer(model)
+    student.config.use_cache = False
+    if checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    student.train().requires_grad_(True)
+    apply_trainable(
+        student,
+        trainable=trainable,
+        lora_rank=lora_rank,
+        lora_alpha=2 * lora_rank,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        seed=0,
+    )
+    return student, tokenizer
+
+
+def _source_tokens(tokenizer, tokens: int) -> torch.Tensor:
+    """(1, tokens + 1) token ids of the embedded stdlib source, documents joined with EOS."""
+    from longred.corpus.embedded import embedded_documents
+
+    ids = []
+    for text in embedded_documents("source"):
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) > tokens:
+            break
+    return torch.tensor([ids[: tokens + 1]])
+
+
+def _measured(tracker, student, *, rss_before: int, times: list[float]) -> dict:
+    """`measure_step`'s result from the tracker, the RSS high-water mark and the step times."""
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")] if tracker is not None else {"Total": 0}
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    rss_step_mb = (_rss_kb("VmHWM") - rss_before) / 1024
+    return {
+        "tensor_peak_mb": round(peak["Total"] / MB, 3) if tracker is not None else None,
+        "rss_peak_mb": round(weights / MB + rss_step_mb, 1),
+        "tensor_peak_by_kind_mb": {
+            str(k.value if hasattr(k, "value") else k): round(v / MB, 1)
+            for k, v in peak.items()
+            if k != "Total"
+        },
+        "rss_step_mb": round(rss_step_mb, 1),
+        "step_s": round(min(times), 2),
+        "params": sum(p.numel() for p in student.parameters()),
+        "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "shape": ModelShape.from_config(student.config).__dict__,
+    }
+
+
 def measure_step(
     *,
     model: str,
@@ -91,45 +157,16 @@ def measure_step(
         "shape"}.
     """
     from torch.distributed._tools.mem_tracker import MemTracker
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longred.corpus.embedded import embedded_documents
-    from longred.models.embedded import embedded_teacher_dir
-    from longred.models.loading import load_model, load_tokenizer
     from longred.train.objectives import StudentObjectives
     from longred.train.student import build_optimizer
-    from longred.train.trainable import apply_trainable
 
-    torch.manual_seed(0)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    if model == "random-1b":
-        with torch.device("cpu"):
-            student = LlamaForCausalLM(LlamaConfig(**RANDOM_1B)).to(torch_dtype)
-        tokenizer = load_tokenizer(embedded_teacher_dir())
-    else:
-        student = load_model(model, dtype=torch_dtype, device=torch.device("cpu"))
-        tokenizer = load_tokenizer(model)
-    student.config.use_cache = False
-    if checkpointing:
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    student.train().requires_grad_(True)
-    apply_trainable(
-        student,
-        trainable=trainable,
-        lora_rank=lora_rank,
-        lora_alpha=2 * lora_rank,
-        lora_dropout=0.0,
-        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        seed=0,
+    student, tokenizer = _student(
+        model, dtype=dtype, checkpointing=checkpointing, trainable=trainable, lora_rank=lora_rank
     )
     objectives = StudentObjectives(student, layers=(), chunk_tokens=chunk_tokens, s2l_kl_weight=0.0)
     optimizer = build_optimizer(objectives, lr=1e-5, weight_decay=0.1)
-    ids = []
-    for text in embedded_documents("source"):
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) > tokens:
-            break
-    labels_BT = torch.tensor([ids[: tokens + 1]])
+    labels_BT = _source_tokens(tokenizer, tokens)
     inputs_BT = labels_BT[:, :-1]
     positions_BT = torch.arange(tokens)[None]
     gc.collect()
@@ -159,23 +196,7 @@ def measure_step(
             step()
             if tracker is not None:
                 tracker.reset_mod_stats()  # per-module statistics only; the peak is kept
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")] if tracker is not None else {"Total": 0}
-    weights = sum(p.numel() * p.element_size() for p in student.parameters())
-    rss_step_mb = (_rss_kb("VmHWM") - rss_before) / 1024
-    return {
-        "tensor_peak_mb": round(peak["Total"] / MB, 3) if tracker is not None else None,
-        "rss_peak_mb": round(weights / MB + rss_step_mb, 1),
-        "tensor_peak_by_kind_mb": {
-            str(k.value if hasattr(k, "value") else k): round(v / MB, 1)
-            for k, v in peak.items()
-            if k != "Total"
-        },
-        "rss_step_mb": round(rss_step_mb, 1),
-        "step_s": round(min(times), 2),
-        "params": sum(p.numel() for p in student.parameters()),
-        "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
-        "shape": ModelShape.from_config(student.config).__dict__,
-    }
+    return _measured(tracker, student, rss_before=rss_before, times=times)
 
 
 def count_saved_per_token(config, *, trainable: str, lora_rank: int = 4, tokens: int = 32) -> float:

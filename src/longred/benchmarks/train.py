@@ -69,21 +69,7 @@ def run_train_benchmark(
     with tempfile.TemporaryDirectory(prefix="longred-bench-train-") as scratch:
         if cache is None:
             cache = str(Path(scratch) / "cache.zarr")
-            run_precompute(
-                PrecomputeConfig(
-                    out=cache,
-                    teacher=str(teacher_dir),
-                    short_len=short_len,
-                    short_samples=short_samples,
-                    heldout=0,
-                    s2l_len=s2l_len,
-                    s2l_samples=s2l_samples,
-                    layers=list(layers),
-                    codec="int8",
-                    shard_samples=4,
-                ),
-                progress=False,
-            )
+            _precompute(cache, teacher_dir, short_len, short_samples, s2l_len, s2l_samples, layers)
         base = dict(
             rope=rope,
             long_len=long_len,
@@ -120,6 +106,23 @@ def run_train_benchmark(
     if out is not None:
         atomic_write_json(out, result)
     return result
+
+
+def _precompute(cache: str, teacher_dir, short_len, short_samples, s2l_len, s2l_samples, layers) -> None:
+    """A small int8 cache for the benchmark (no held-out samples)."""
+    config = PrecomputeConfig(
+        out=cache,
+        teacher=str(teacher_dir),
+        short_len=short_len,
+        short_samples=short_samples,
+        heldout=0,
+        s2l_len=s2l_len,
+        s2l_samples=s2l_samples,
+        layers=list(layers),
+        codec="int8",
+        shard_samples=4,
+    )
+    run_precompute(config, progress=False)
 
 
 def _train_in_fresh_process(config: dict) -> dict:

@@ -83,34 +83,7 @@ def render_markdown(
         "## Summary",
         "",
     ]
-    summary = []
-    for label, result in models.items():
-        short, drift = result["details"]["short"], result["details"]["drift"]
-        summary.append(
-            [
-                label,
-                _num(result["short_ppl"], ".3f"),
-                _num(short["teacher_ppl"], ".3f"),
-                _percent(result["short_retention"]),
-                f"{_num(result['short_kl'], '.4f')} ({short['kl_source']})",
-                _num(result["long_ppl"], ".3f"),
-                _num(result["passkey_acc"], ".2f"),
-                f"{_num(result['hidden_cos_mean'], '.4f')} ({drift['teacher']})",
-                _num(drift["attention_kl_mean"], ".3e"),
-            ]
-        )
-    header = [
-        "model",
-        "short ppl",
-        "teacher ppl",
-        "retention",
-        "short KL",
-        "long ppl",
-        "passkey acc",
-        "hidden cos (mean)",
-        "attention KL (mean)",
-    ]
-    lines += _table(header, summary)
+    lines += _summary_lines(models)
     lines += ["", "## Drift per layer: hidden-state cosine / attention KL", ""]
     names = _union(layer["name"] for r in models.values() for layer in r["details"]["drift"]["layers"])
     per_layer = {
@@ -118,31 +91,7 @@ def render_markdown(
     }
     rows = [[name] + [_layer_cell(per_layer[label].get(name)) for label in models] for name in names]
     lines += _table(["layer", *models], rows)
-    long_models = {label: r["details"]["long"] for label, r in models.items() if r["details"]["long"]}
-    if long_models:
-        lines += ["", "## Long-text loss (nats) by predicting position", ""]
-        spans = _union((b["start"], b["end"]) for long in long_models.values() for b in long["buckets"])
-        by_span = {
-            label: {(b["start"], b["end"]): b["loss"] for b in long["buckets"]}
-            for label, long in long_models.items()
-        }
-        rows = [
-            [f"{a}-{b - 1}"] + [_num(by_span[label].get((a, b)), ".3f") for label in long_models]
-            for a, b in spans
-        ]
-        lines += _table(["positions", *long_models], rows)
-    passkey_models = {
-        label: r["details"]["passkey"] for label, r in models.items() if r["details"]["passkey"]
-    }
-    if passkey_models:
-        lines += ["", "## Passkey accuracy by length (greedy)", ""]
-        lengths = _union(x["length"] for p in passkey_models.values() for x in p["by_length"])
-        by_length = {label: {x["length"]: x for x in p["by_length"]} for label, p in passkey_models.items()}
-        rows = [
-            [str(length)] + [_passkey_cell(by_length[label].get(length)) for label in passkey_models]
-            for length in lengths
-        ]
-        lines += _table(["length", *passkey_models], rows)
+    lines += _position_and_length_lines(models)
     lines += _harness_lines(models)
     lines += ["", "## Seconds per section", ""]
     sections = _union(s for r in models.values() for s in r["details"]["seconds"])
@@ -203,6 +152,69 @@ def _harness_lines(models: dict[str, dict[str, Any]]) -> list[str]:
         "",
         *_table(["task", "metric", *columns], rows),
     ]
+
+
+def _summary_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The summary table: one row per model."""
+    summary = []
+    for label, result in models.items():
+        short, drift = result["details"]["short"], result["details"]["drift"]
+        summary.append(
+            [
+                label,
+                _num(result["short_ppl"], ".3f"),
+                _num(short["teacher_ppl"], ".3f"),
+                _percent(result["short_retention"]),
+                f"{_num(result['short_kl'], '.4f')} ({short['kl_source']})",
+                _num(result["long_ppl"], ".3f"),
+                _num(result["passkey_acc"], ".2f"),
+                f"{_num(result['hidden_cos_mean'], '.4f')} ({drift['teacher']})",
+                _num(drift["attention_kl_mean"], ".3e"),
+            ]
+        )
+    header = [
+        "model",
+        "short ppl",
+        "teacher ppl",
+        "retention",
+        "short KL",
+        "long ppl",
+        "passkey acc",
+        "hidden cos (mean)",
+        "attention KL (mean)",
+    ]
+    return _table(header, summary)
+
+
+def _position_and_length_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Long-text loss by predicting position and passkey accuracy by length, where measured."""
+    lines: list[str] = []
+    long_models = {label: r["details"]["long"] for label, r in models.items() if r["details"]["long"]}
+    if long_models:
+        lines += ["", "## Long-text loss (nats) by predicting position", ""]
+        spans = _union((b["start"], b["end"]) for long in long_models.values() for b in long["buckets"])
+        by_span = {
+            label: {(b["start"], b["end"]): b["loss"] for b in long["buckets"]}
+            for label, long in long_models.items()
+        }
+        rows = [
+            [f"{a}-{b - 1}"] + [_num(by_span[label].get((a, b)), ".3f") for label in long_models]
+            for a, b in spans
+        ]
+        lines += _table(["positions", *long_models], rows)
+    passkey_models = {
+        label: r["details"]["passkey"] for label, r in models.items() if r["details"]["passkey"]
+    }
+    if passkey_models:
+        lines += ["", "## Passkey accuracy by length (greedy)", ""]
+        lengths = _union(x["length"] for p in passkey_models.values() for x in p["by_length"])
+        by_length = {label: {x["length"]: x for x in p["by_length"]} for label, p in passkey_models.items()}
+        rows = [
+            [str(length)] + [_passkey_cell(by_length[label].get(length)) for label in passkey_models]
+            for length in lengths
+        ]
+        lines += _table(["length", *passkey_models], rows)
+    return lines
 
 
 def _num(value: float | None, spec: str, suffix: str = "") -> str:

@@ -187,20 +187,7 @@ def evaluate_short_text(
         ValueError: no teacher model and no cached targets, vocabularies that differ, or batch_size < 1.
     """
     weight_VD = output_weight(model)
-    problems = [f"batch_size={batch_size} must be >= 1"] if batch_size < 1 else []
-    if texts.input_ids_NT.shape[1] < 2:
-        problems.append(f"texts of {texts.input_ids_NT.shape[1]} token(s) predict nothing: need >= 2 tokens")
-    if teacher_model is None and not texts.cached:
-        problems.append(f"the texts ({texts.source}) carry no cached teacher targets: pass teacher_model")
-    vocabularies = {"model": weight_VD.shape[0]}
-    if texts.vocab_size is not None:
-        vocabularies["cache"] = texts.vocab_size
-    if teacher_model is not None:
-        vocabularies["teacher"] = output_weight(teacher_model).shape[0]
-    if len(set(vocabularies.values())) > 1:
-        problems.append(f"vocabulary sizes differ: {vocabularies}")
-    if problems:
-        raise ValueError("evaluate_short_text: " + "; ".join(problems) + ".")
+    _check_inputs(weight_VD, texts, teacher_model=teacher_model, batch_size=batch_size)
     n, t = texts.input_ids_NT.shape
     nll = teacher_nll = kl = 0.0
     models = (model,) if teacher_model is None else (model, teacher_model)
@@ -246,6 +233,24 @@ def evaluate_short_text(
         "length": t,
         "source": texts.source,
     }
+
+
+def _check_inputs(weight_VD: torch.Tensor, texts: ShortTexts, *, teacher_model: Any, batch_size: int) -> None:
+    """Every problem with `evaluate_short_text`'s arguments, raised at once."""
+    problems = [f"batch_size={batch_size} must be >= 1"] if batch_size < 1 else []
+    if texts.input_ids_NT.shape[1] < 2:
+        problems.append(f"texts of {texts.input_ids_NT.shape[1]} token(s) predict nothing: need >= 2 tokens")
+    if teacher_model is None and not texts.cached:
+        problems.append(f"the texts ({texts.source}) carry no cached teacher targets: pass teacher_model")
+    vocabularies = {"model": weight_VD.shape[0]}
+    if texts.vocab_size is not None:
+        vocabularies["cache"] = texts.vocab_size
+    if teacher_model is not None:
+        vocabularies["teacher"] = output_weight(teacher_model).shape[0]
+    if len(set(vocabularies.values())) > 1:
+        problems.append(f"vocabulary sizes differ: {vocabularies}")
+    if problems:
+        raise ValueError("evaluate_short_text: " + "; ".join(problems) + ".")
 
 
 @torch.no_grad()

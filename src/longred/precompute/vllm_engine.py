@@ -119,18 +119,25 @@ def engine_arguments(
     if kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if capture:
-        kwargs["speculative_config"] = {
+        kwargs |= _extraction(layer_ids, scratch=scratch)
+    return {**kwargs, **extra}
+
+
+def _extraction(layer_ids: list[int], *, scratch: str) -> dict:
+    """vLLM's native hidden-state extraction: the aux layers, written per request into ``scratch``."""
+    return {
+        "speculative_config": {
             "method": "extract_hidden_states",
             "num_speculative_tokens": 1,
             "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids)}},
-        }
-        kwargs["kv_transfer_config"] = {
+        },
+        "kv_transfer_config": {
             "kv_connector": "HiddenStatesConnector",
             "kv_connector_module_path": _CONNECTOR_MODULE,
             "kv_role": "kv_producer",
             "kv_connector_extra_config": {"shared_storage_path": scratch},
-        }
-    return {**kwargs, **extra}
+        },
+    }
 
 
 def _kv_cache_gib(teacher_dir, slots: int, tokens: int) -> float:

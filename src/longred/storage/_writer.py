@@ -24,6 +24,7 @@ from zarr.errors import ContainsArrayError
 from longred.base.version import __version__
 
 from ._codecs import HiddenCodec, get_codec
+from ._inputs import check_batch
 from ._integrity import CacheLocation, ShardProblem
 from ._ownership import (
     CacheMismatchError,
@@ -213,7 +214,9 @@ class CacheWriter:
                 sample belongs to a shard that is already complete.
         """
         self._raise_background_error()
-        ids = self._check_batch(kind, sample_ids, input_ids, hidden, topk_ids, topk_logprobs, tail_logmass)
+        ids = check_batch(
+            self.spec, kind, sample_ids, input_ids, hidden, topk_ids, topk_logprobs, tail_logmass
+        )
         keep_BT = self._kept_mask(kind, ids, next(iter(hidden.values())).device)
         encoded = {}
         for layer, states in hidden.items():
@@ -337,38 +340,6 @@ class CacheWriter:
             self._futures.remove(future)
             future.result()
 
-    def _check_batch(self, kind, sample_ids, input_ids, hidden, topk_ids, topk_logprobs, tail_logmass):
-        if kind not in self.spec.kinds:
-            raise ValueError(f"Unknown sample kind {kind!r}; this cache holds {sorted(self.spec.kinds)}.")
-        ks = self.spec.kinds[kind]
-        ids = [int(i) for i in (sample_ids.tolist() if hasattr(sample_ids, "tolist") else sample_ids)]
-        b, t, d, k = len(ids), ks.length, self.spec.hidden_size, self.spec.top_k
-        bad = [i for i in ids if not 0 <= i < ks.num_samples]
-        if bad:
-            raise ValueError(f"{kind}: sample ids {bad[:5]} out of range [0, {ks.num_samples}).")
-        if len(set(ids)) != b:
-            raise ValueError(f"{kind}: sample ids repeat within the batch.")
-        _check_tensor(kind, "input_ids", input_ids, (b, t), integer=True, ids=ids, high=self.spec.vocab_size)
-        if set(hidden) != set(ks.layers):
-            raise ValueError(f"{kind}: hidden must hold layers {list(ks.layers)}, got {list(hidden)}.")
-        for layer, states in hidden.items():
-            _check_tensor(kind, f"hidden[{layer}]", states, (b, t, d), integer=False, ids=ids)
-        need = [i for i in ids if ks.has_topk(i)]
-        given = [x is not None for x in (topk_ids, topk_logprobs, tail_logmass)]
-        if need and not all(given):
-            raise ValueError(
-                f"{kind}: samples {need[:5]} store their top-k ({kind} topk={ks.topk!r}); pass topk_ids, "
-                "topk_logprobs and tail_logmass."
-            )
-        if need:
-            high = self.spec.vocab_size
-            _check_tensor(kind, "topk_ids", topk_ids, (b, t, k), integer=True, ids=ids, high=high)
-            _check_tensor(kind, "topk_logprobs", topk_logprobs, (b, t, k), integer=False, ids=ids)
-            _check_tensor(
-                kind, "tail_logmass", tail_logmass, (b, t), integer=False, ids=ids, allow_neg_inf=True
-            )
-        return ids
-
 
 def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(value, torch.Tensor):
@@ -382,29 +353,3 @@ def _as_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
     if array.dtype.kind in "iu" and target.kind in "iu" and array.dtype.itemsize == target.itemsize:
         return array.view(target)
     return array.astype(target, copy=False)
-
-
-def _check_tensor(kind, name, value, shape, *, integer, ids, high=None, allow_neg_inf=False) -> None:
-    """Shape, dtype and value checks; the common all-good case costs one reduction over the tensor."""
-    tensor = torch.as_tensor(value)
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{kind}: {name} has shape {tuple(tensor.shape)}, expected {shape}.")
-    if integer:
-        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-            raise ValueError(f"{kind}: {name} must hold integers, got {tensor.dtype}.")
-        low, top = torch.aminmax(tensor)
-        if low >= 0 and top < high:
-            return
-        bad, what = (tensor < 0) | (tensor >= high), f"token ids outside [0, {high})"
-    else:
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(f"{kind}: {name} must be floating point, got {tensor.dtype}.")
-        if torch.isfinite(tensor.sum(dtype=torch.float32)):  # NaN and inf survive a sum
-            return
-        bad = torch.isnan(tensor) | (tensor == float("inf"))
-        if not allow_neg_inf:
-            bad |= tensor == float("-inf")
-        what = "NaN or inf values"
-    if bad.any():
-        row = int(bad.reshape(shape[0], -1).any(dim=1).nonzero()[0])
-        raise ValueError(f"{kind}: {name} of sample {ids[row]} contains {what}.")

@@ -42,7 +42,7 @@ from longred.base.io import atomic_write
 from longred.corpus.documents import iter_documents
 from longred.corpus.split import DocumentSplit
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples
-from longred.storage import HiddenCodec, StoredHidden, TargetStream, TeacherCache, collate
+from longred.storage import TargetStream, TeacherCache, collate
 from longred.train.config import TrainConfig
 from longred.train.positions import PositionSampler
 
@@ -54,7 +54,6 @@ __all__ = [
     "short_windows",
     "Streams",
     "MicroBatch",
-    "OnlineTargets",
     "s2l_position_ids",
 ]
 
@@ -310,6 +309,15 @@ class Streams:
         self._iterators.clear()
 
 
+def sample_length(kind: str, *, cache: TeacherCache | None, source: SampleSpec | None) -> int:
+    """Tokens per sample of the short or s2l stream: the cache's, else the cut texts' (0: none)."""
+    if cache is not None:
+        return cache.spec.kinds[kind].length
+    if source is not None:
+        return {"short": source.short_len, "s2l": source.s2l_len}[kind]
+    return 0
+
+
 def s2l_position_ids(
     sampler: PositionSampler, *, seed: int, step: int, micro: int, rank: int, world_size: int, batch_size: int
 ) -> torch.Tensor:
@@ -353,38 +361,6 @@ class MicroBatch:
         return MicroBatch(
             self.stream, self.input_ids_BT.to(device), self.position_ids_BT.to(device), labels_BT, targets
         )
-
-
-class OnlineTargets:
-    """The frozen teacher computing distillation targets live (teacher_mode online).
-
-    Args:
-        capture: {stream: callable(input_ids_BT) -> CapturedTargets} (the `TeacherCapture` of the stream's
-            layers, with a top-k only where a loss reads one: s2l with s2l_kl_weight > 0).
-        codec: round hidden states through this codec (on the device) and top-k log-probs through
-            float16, exactly as the cache stores them; None keeps the teacher's full precision.
-    """
-
-    def __init__(self, capture: dict, *, codec: HiddenCodec | None) -> None:
-        self.capture, self.codec = capture, codec
-
-    def __call__(self, stream: str, input_ids_BT: torch.Tensor) -> dict:
-        """Targets for a batch, on the teacher's device: float32 hidden states, top-k when captured."""
-        out = self.capture[stream](input_ids_BT)
-        targets: dict = {"hidden": {name: self._round(h) for name, h in out.hidden.items()}}
-        if out.topk_ids is not None:
-            logprobs = out.topk_logprobs.half() if self.codec is not None else out.topk_logprobs
-            targets |= {
-                "topk_ids": out.topk_ids,
-                "topk_logprobs": logprobs.float(),
-                "tail_logmass": out.tail_logmass.float(),
-            }
-        return targets
-
-    def _round(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
-        if self.codec is None:
-            return hidden_BTD.float()
-        return StoredHidden(self.codec, self.codec.encode(hidden_BTD)).decode()
 
 
 def _to(value: torch.Tensor | dict, device: torch.device) -> torch.Tensor | dict:

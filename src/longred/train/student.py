@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig
 
 from longred.base.rope import RopeSpec
-from longred.models.identity import fingerprint_differences
+from longred.models.identity import fingerprint, fingerprint_differences
 from longred.models.loading import load_model
 
 __all__ = [
@@ -70,6 +70,29 @@ def check_fingerprint(student_dir: str | Path, reference: dict, *, allow_other: 
             "student to the teacher's folder, or allow_other_student to train it anyway."
         )
     return differ
+
+
+def check_student_source(student_dir, teacher_dir, *, cache, online: bool, allow_other: bool) -> None:
+    """Refuse a student whose weights are not those the distillation targets come from: the cache's
+    teacher (and, online, the live teacher must be it too), or the live teacher without a cache."""
+    reference = None  # the weights the distillation targets come from
+    checked = None  # a folder already found to hold them
+    if cache is not None:
+        reference = {"teacher": cache.spec.teacher, "tokenizer_sha256": cache.spec.tokenizer_sha256}
+        if online:  # the live teacher must be the one that filled the cache
+            check_fingerprint(teacher_dir, reference, allow_other=False)
+            checked = teacher_dir
+    elif online and student_dir != teacher_dir:
+        reference, checked = fingerprint(teacher_dir), teacher_dir
+    if reference is not None and student_dir != checked:
+        check_fingerprint(student_dir, reference, allow_other=allow_other)
+
+
+def check_hidden_size(teacher_hidden_size: int, student: nn.Module) -> None:
+    """The distillation targets' width must be the student's."""
+    if teacher_hidden_size != student.config.hidden_size:
+        own = student.config.hidden_size
+        raise ValueError(f"The teacher's hidden size {teacher_hidden_size} is not the student's {own}.")
 
 
 def build_student(

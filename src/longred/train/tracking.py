@@ -28,21 +28,21 @@ class Tracker:
         """Flush and close."""
 
 
-def open_tracker(kind: str, *, out: Path, run_name: str, config: dict) -> Tracker:
-    """A tracker of ``kind`` (one of REPORT_TO) for the run in ``out``.
+def open_tracker(kind: str, *, out: Path, config: dict, rank: int = 0) -> Tracker:
+    """A tracker of ``kind`` (one of REPORT_TO) for the run in ``out`` (named after its folder); ranks
+    other than 0 get one that logs nothing.
 
     Raises:
         ValueError: an unknown kind, or a library that is not installed (naming the pip install).
     """
     if kind not in REPORT_TO:
         raise ValueError(f"report_to must be one of {list(REPORT_TO)}, got {kind!r}")
-    if kind == "none":
+    if kind == "none" or rank != 0:
         return Tracker()
     if importlib.util.find_spec(_MODULES[kind]) is None:
         raise ValueError(f"report_to {kind} needs the {kind} package: pip install 'longred[{kind}]'")
-    return {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _Mlflow}[kind](
-        out=out, run_name=run_name, config=config
-    )
+    trackers = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _Mlflow}
+    return trackers[kind](out=out, run_name=Path(out).name, config=config)
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:

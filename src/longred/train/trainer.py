@@ -15,18 +15,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from longred.base.logs import LOG
-from longred.models.identity import fingerprint, teacher_identity
 from longred.models.loading import check_trained_window, load_tokenizer, resolve_model, resolve_teacher
-from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K, TeacherCapture
+from longred.ops.capture import DEFAULT_LAYERS
 from longred.ops.layers import check_layers
 from longred.storage import TeacherCache
 from longred.train.checkpoint import (
@@ -39,31 +36,33 @@ from longred.train.checkpoint import (
 from longred.train.config import TrainConfig
 from longred.train.data import (
     MicroBatch,
-    OnlineTargets,
     Streams,
     long_windows,
     run_split,
     s2l_position_ids,
+    sample_length,
     short_corpus_source,
     short_windows,
 )
-from longred.train.export import export_student, push_to_hub
+from longred.train.final import publish_student
 from longred.train.guards import check_finite_step, check_finite_weights
 from longred.train.metrics import MetricsLog, peak_memory_mb, plot_losses
 from longred.train.objectives import StudentObjectives
+from longred.train.online import online_targets
 from longred.train.parallel import Distributed, gradient_sync, parallelize
 from longred.train.positions import PositionSampler
-from longred.train.run_folder import RunLock, check_model_folder, publish_model
+from longred.train.run_folder import RunLock, check_model_folder
 from longred.train.schedule import STREAMS, LRSchedule, describe_weights, effective_weights, step_plan
 from longred.train.student import (
     build_optimizer,
     build_student,
-    check_fingerprint,
+    check_hidden_size,
     check_structure,
+    check_student_source,
     load_teacher,
 )
-from longred.train.tracking import Tracker, open_tracker
-from longred.train.trainable import apply_config_trainable, offload_activations, save_merged
+from longred.train.tracking import open_tracker
+from longred.train.trainable import apply_config_trainable, offload_activations
 
 __all__ = ["Trainer", "run_training"]
 
@@ -118,16 +117,12 @@ class Trainer:
             "s2l": cfg.s2l_batch * self._length("s2l"),
         }
         self.weights = effective_weights(self.plan, micro_tokens)
-        self.metrics = (
-            MetricsLog(self.out / "metrics.jsonl", resume_step=self.step) if self.dist.rank == 0 else None
-        )
-        self.log(describe_weights(cfg, self.plan, micro_tokens))
-        self.tracker = Tracker()
+        self.metrics = None
         if self.dist.rank == 0:
-            self.tracker = open_tracker(
-                cfg.report_to, out=self.out, run_name=self.out.name, config=cfg.to_dict()
-            )
-            self.tracker.log({f"weight_{s}": w for s, w in self.weights["per_step"].items()}, step=self.step)
+            self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step)
+        self.log(describe_weights(cfg, self.plan, micro_tokens))
+        self.tracker = open_tracker(cfg.report_to, out=self.out, config=cfg.to_dict(), rank=self.dist.rank)
+        self.tracker.log({f"weight_{s}": w for s, w in self.weights["per_step"].items()}, step=self.step)
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} (step {self.step} of {cfg.steps})")
 
@@ -136,18 +131,10 @@ class Trainer:
         cfg, online = self.config, self.config.teacher_mode == "online"
         teacher_dir = resolve_teacher(cfg.teacher) if cfg.student is None or online else None
         student_dir = resolve_model(cfg.student, what="Student") if cfg.student else teacher_dir
-        reference = None  # the weights the distillation targets come from
-        checked = None  # a folder already found to hold them
-        if self.cache is not None:
-            spec = self.cache.spec
-            reference = {"teacher": spec.teacher, "tokenizer_sha256": spec.tokenizer_sha256}
-            if online:  # the live teacher must be the one that filled the cache
-                check_fingerprint(teacher_dir, reference, allow_other=False)
-                checked = teacher_dir
-        elif online and student_dir != teacher_dir:
-            reference, checked = fingerprint(teacher_dir), teacher_dir
-        if reference is not None and self.resumed_from is None and student_dir != checked:
-            check_fingerprint(student_dir, reference, allow_other=cfg.allow_other_student)
+        if self.resumed_from is None:
+            check_student_source(
+                student_dir, teacher_dir, cache=self.cache, online=online, allow_other=cfg.allow_other_student
+            )
         # a checkpoint's model/ has the RoPE; a lora one holds the adapter, its base is the initial student
         from_checkpoint = self.resumed_from is not None and cfg.trainable != "lora"
         source = self.resumed_from / "model" if from_checkpoint else student_dir
@@ -169,10 +156,8 @@ class Trainer:
             check_trained_window(lengths, self.teacher.config)
         self.layers = self._distilled_layers()
         if cfg.distils:  # without a cache, distillation is online: the teacher is loaded
-            size = self.cache.spec.hidden_size if self.cache is not None else self.teacher.config.hidden_size
-            if size != self.student.config.hidden_size:
-                student_size = self.student.config.hidden_size
-                raise ValueError(f"The teacher's hidden size {size} is not the student's {student_size}.")
+            teacher_config = self.cache.spec if self.cache is not None else self.teacher.config
+            check_hidden_size(teacher_config.hidden_size, self.student)
         self.objectives = StudentObjectives(
             self.student, layers=self.layers, chunk_tokens=cfg.chunk_tokens, s2l_kl_weight=cfg.s2l_kl_weight
         )
@@ -192,15 +177,7 @@ class Trainer:
         check_structure(student=self.student, optimizer=self.optimizer, teacher=self.teacher)
         self.online = None
         if online:
-            top_k = self.cache.spec.top_k if self.cache is not None else (cfg.top_k or DEFAULT_TOP_K)
-            codec = self.cache.codec if cfg.online_rounding else None
-            # only the s2l KL reads a top-k: otherwise the teacher's lm_head never runs
-            s2l_top_k = top_k if cfg.s2l_kl_weight > 0 else None
-            capture = {
-                "short": TeacherCapture(self.teacher, layers=self.layers, top_k=None),
-                "s2l": TeacherCapture(self.teacher, layers=("final",), top_k=s2l_top_k),
-            }
-            self.online = OnlineTargets(capture, codec=codec)
+            self.online = online_targets(self.teacher, self.layers, cache=self.cache, config=cfg)
 
     def _distilled_layers(self) -> tuple[str, ...]:
         """The short-text layers distilled: a subset of the cache's, or checked against the student."""
@@ -240,11 +217,7 @@ class Trainer:
 
     def _length(self, kind: str) -> int:
         """Tokens per sample of the short or s2l stream (0 when the run has none)."""
-        if self.cache is not None:
-            return self.cache.spec.kinds[kind].length
-        if self.source is not None:
-            return {"short": self.source.short_len, "s2l": self.source.s2l_len}[kind]
-        return 0
+        return sample_length(kind, cache=self.cache, source=self.source)
 
     def log(self, message: str) -> None:
         """One line of the run log (rank 0): out/train.log, and the `longred` logger."""
@@ -350,13 +323,8 @@ class Trainer:
         self.tracker.finish()
         # the final student is the last checkpoint's (a rerun of a finished run trains nothing)
         if self.dist.rank == 0:
-            last = self.out / "checkpoints" / checkpoint_name(self.step)
-            if self.adapter is None:
-                publish_model(last / "model", self.out, finish=self._export)
-            else:
-                self.save_merged(last / "adapter")
-            if self.config.push_to_hub:
-                url = push_to_hub(self.out / "model", repo_id=self.config.push_to_hub)
+            url = publish_student(self, self.out / "checkpoints" / checkpoint_name(self.step))
+            if url:
                 self.log(f"pushed the student to {url}")
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
@@ -374,21 +342,6 @@ class Trainer:
             "metrics": str(self.out / "metrics.jsonl"),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
-
-    def _export(self, folder: Path) -> None:
-        """Finish the final model folder as a plain HF folder with its card (`longred.train.export`)."""
-        original = AutoConfig.from_pretrained(self.student_dir)
-        teacher = self.fingerprint["teacher"] if self.fingerprint else teacher_identity(self.student_dir)
-        export_student(
-            folder,
-            use_cache=getattr(original, "use_cache", True),
-            settings=self.config.to_dict(),
-            card={
-                "teacher": teacher,
-                "cache": self.fingerprint,
-                "summary": {"steps": self.step, "tokens": self.tokens},
-            },
-        )
 
     def save_checkpoint(self) -> None:
         """Write out/checkpoints/step-N (collective: every rank calls it); never non-finite weights."""
@@ -414,27 +367,6 @@ class Trainer:
             adapter=self.adapter,
         )
         self.log(f"checkpoint {checkpoint_name(self.step)} ({self.tokens} tokens, {self.time_s:.1f} s)")
-
-    def save_merged(self, adapter_dir: Path) -> None:
-        """trainable lora: out/model = the initial student (run's RoPE, on the CPU) with the adapter merged,
-        out/adapter = the adapter."""
-        cfg = self.config
-        base = build_student(
-            self.student_dir,
-            rope=cfg.rope,
-            window=cfg.window,
-            dtype=cfg.frozen_dtype or cfg.dtype,
-            device=torch.device("cpu"),
-            attn_implementation=None,
-            gradient_checkpointing=False,
-        )
-        merged = self.out / ".merged.tmp"
-        shutil.rmtree(merged, ignore_errors=True)
-        save_merged(base, adapter_dir, merged, tokenizer=self.tokenizer)
-        publish_model(merged, self.out, finish=self._export)
-        shutil.rmtree(merged)
-        shutil.rmtree(self.out / "adapter", ignore_errors=True)
-        shutil.copytree(adapter_dir, self.out / "adapter")
 
     def close(self) -> None:
         if self.streams is not None:
