@@ -22,6 +22,7 @@ reproducible and the global RNG stream (checkpointed for exact resume) is left a
 from __future__ import annotations
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import peft
@@ -43,6 +44,7 @@ __all__ = [
     "add_lora",
     "load_lora",
     "save_merged",
+    "save_final_lora",
 ]
 
 
@@ -200,3 +202,22 @@ def save_merged(base: nn.Module, adapter_dir: str | Path, out: str | Path, *, to
     merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def save_final_lora(config, student_dir: Path, adapter_dir: Path, out: Path, tokenizer) -> None:
+    """trainable lora's final model: out/model = the initial student (the run's RoPE, built on the CPU)
+    with the adapter merged, out/adapter = the adapter."""
+    from longred.train.student import build_student
+
+    base = build_student(
+        student_dir,
+        rope=config.rope,
+        window=config.window,
+        dtype=config.frozen_dtype or config.dtype,
+        device=torch.device("cpu"),
+        attn_implementation=None,
+        gradient_checkpointing=False,
+    )
+    save_merged(base, adapter_dir, out / "model", tokenizer=tokenizer)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    shutil.copytree(adapter_dir, out / "adapter")

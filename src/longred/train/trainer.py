@@ -56,7 +56,7 @@ from longred.train.student import (
     check_structure,
     load_teacher,
 )
-from longred.train.trainable import apply_config_trainable, offload_activations, save_merged
+from longred.train.trainable import apply_config_trainable, offload_activations, save_final_lora
 
 __all__ = ["Trainer", "run_training"]
 
@@ -328,8 +328,8 @@ class Trainer:
             last = self.out / "checkpoints" / checkpoint_name(self.step)
             if self.adapter is None:
                 shutil.copytree(last / "model", self.out / "model")
-            else:
-                self.save_merged(last / "adapter")
+            else:  # lora: the base with the adapter merged, the adapter beside it
+                save_final_lora(self.config, self.student_dir, last / "adapter", self.out, self.tokenizer)
             plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
         self.dist.barrier()
         return {
@@ -369,23 +369,6 @@ class Trainer:
             adapter=self.adapter,
         )
         self.log(f"checkpoint {checkpoint_name(self.step)} ({self.tokens} tokens, {self.time_s:.1f} s)")
-
-    def save_merged(self, adapter_dir: Path) -> None:
-        """trainable lora: out/model = the initial student (run's RoPE, on the CPU) with the adapter merged,
-        out/adapter = the adapter."""
-        cfg = self.config
-        base = build_student(
-            self.student_dir,
-            rope=cfg.rope,
-            window=cfg.window,
-            dtype=cfg.frozen_dtype or cfg.dtype,
-            device=torch.device("cpu"),
-            attn_implementation=None,
-            gradient_checkpointing=False,
-        )
-        save_merged(base, adapter_dir, self.out / "model", tokenizer=self.tokenizer)
-        shutil.rmtree(self.out / "adapter", ignore_errors=True)
-        shutil.copytree(adapter_dir, self.out / "adapter")
 
     def close(self) -> None:
         if self.streams is not None:
