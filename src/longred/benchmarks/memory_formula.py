@@ -8,12 +8,14 @@ hidden size h, MLP size i, key/value width kv = kv_heads x head_dim, H heads, vo
     G  gradients         P_t * b_train                      (the parameters' dtype)
     S  optimizer state   P_t * s                            (AdamW: 2 moments; s = 2 * b_train, 2 for 8-bit)
     A  activations       N * (L * c_mode + c_out) * b_act   without checkpointing
-                         N * (L * h + c_mode + c_out) * b_act  with it (block inputs + one block recomputed)
+                         N * (L * h + c_out) * b_act        with it (the block inputs)
     X  logits chunk      chunk_tokens * V * 12              (fp32 logits, log-softmax, their gradient)
+    T  transient         X; with checkpointing max(X, N * c_mode * b_act): one block recomputed in the
+                         backward, after the logits' backward is done
     E  head gradient     2 * V * h * b_train when lm_head (or the tied embedding) trains: the accumulated
                          gradient and the one being added to it
 
-    peak = W + S + max(A + X + E, G + E)
+    peak = W + S + max(A + T, G) + E
 
 The backward frees each block's activations as it creates that block's gradients, so the peak is at its
 start (all activations, the head's gradient) or its end (all gradients, the embedding's being summed
@@ -161,11 +163,13 @@ def estimate(shape: ModelShape, mode: Mode, *, tokens: int, chunk_tokens: int) -
     c_mode = saved_per_token(shape, mode)
     c_out = (5 * shape.hidden) // 2 if mode.trainable == "all" else shape.hidden // 2
     block_inputs = tokens * shape.layers * shape.hidden * mode.b_act
-    if mode.checkpointing:
-        activations = block_inputs + tokens * (c_mode + c_out) * mode.b_act
+    logits = min(chunk_tokens, tokens) * shape.vocab * 12
+    if mode.checkpointing:  # one block's recomputation comes after the logits' backward: never both
+        activations = block_inputs + tokens * c_out * mode.b_act
+        transient = max(logits, tokens * c_mode * mode.b_act)
     else:
         activations = tokens * (shape.layers * c_mode + c_out) * mode.b_act
-    logits = min(chunk_tokens, tokens) * shape.vocab * 12
+        transient = logits
     grad_head = 2 * shape.vocab * shape.hidden * mode.b_train if mode.trainable == "all" else 0
     host = 0
     if mode.activation_offload:
@@ -178,7 +182,7 @@ def estimate(shape: ModelShape, mode: Mode, *, tokens: int, chunk_tokens: int) -
         root = shape.vocab * shape.hidden * (1 if shape.tied else 2) * 2
         host += weights + grads + optimizer
         weights, grads, optimizer, grad_head = root + 2 * shape.block_params * 2, 0, 0, 0
-    peak = weights + optimizer + max(activations + logits, grads) + grad_head
+    peak = weights + optimizer + max(activations + transient, grads) + grad_head
     return {
         "trainable_params": trainable,
         "weights": weights,
@@ -186,6 +190,7 @@ def estimate(shape: ModelShape, mode: Mode, *, tokens: int, chunk_tokens: int) -
         "optimizer": optimizer,
         "activations": activations,
         "logits": logits,
+        "transient": transient,
         "grad_head": grad_head,
         "peak": peak,
         "host": host,
