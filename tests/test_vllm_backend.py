@@ -53,6 +53,8 @@ def config(teacher, out, **changes) -> PrecomputeConfig:
         backend="vllm",
         dtype="float32",
         kv_cache_gib=0.5,
+        short_topk="all",  # every top-k is compared, and the s2l KL below reads the s2l one
+        s2l_topk=True,
     )
     settings.update(changes)
     return PrecomputeConfig(**settings)
@@ -151,7 +153,8 @@ def test_vllm_targets_equal_transformers(engine, job, teacher_dir):
     untied = compared = 0
     for kind, ks in spec.kinds.items():
         for sample_ids, ids_BT in batches(spec, samples, kind):
-            a, b = hf.capture(kind, ids_BT, sample_ids), engine.capture(kind, ids_BT, sample_ids)
+            a = hf.capture(kind, ids_BT, sample_ids, topk=True)
+            b = engine.capture(kind, ids_BT, sample_ids, topk=True)
             for layer in ks.layers:
                 x, y = a.hidden[layer].double(), b.hidden[layer].double()
                 cos_BT = torch.nn.functional.cosine_similarity(x, y, dim=-1)
@@ -264,7 +267,7 @@ def test_token_mismatch_is_refused_by_sample(engine, job):
         with pytest.raises(
             TokenMismatchError, match=r"short sample 0: the token ids vLLM ran \(its output\)"
         ):
-            engine.capture("short", ids_BT, sample_ids)
+            engine.capture("short", ids_BT, sample_ids, topk=True)
 
         def swap_files(*a, **k):  # the right outputs, each with another request's hidden-state file
             outs = generate(*a, **k)
@@ -275,7 +278,7 @@ def test_token_mismatch_is_refused_by_sample(engine, job):
 
         engine.llm.generate = swap_files
         with pytest.raises(TokenMismatchError, match="short sample 0: .*its hidden-state file"):
-            engine.capture("short", ids_BT, sample_ids)
+            engine.capture("short", ids_BT, sample_ids, topk=True)
     finally:
         engine.llm.generate = generate
     out = generate([{"prompt_token_ids": ids_BT[0].tolist()}], engine.sampling, use_tqdm=False)[0]
