@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from longred.base.io import atomic_write_json
+from longred.benchmarks.fresh import call_in_fresh_process
 from longred.benchmarks.memory_formula import LLAMA3_8B, Mode, ModelShape, estimate
 
 __all__ = [
@@ -358,22 +359,15 @@ def run_memory_benchmark(
         "projection": projection(),
     }
     if out is not None:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(out, result)
     return result
 
 
 def _in_fresh_process(settings: dict) -> dict:
-    """`measure_step(**settings)` in a new interpreter (its peak RSS is its own).
-
-    Raises:
-        RuntimeError: the run failed (with the end of its output).
-    """
-    code = (
-        "import json, sys\n"
-        "from longred.benchmarks.memory import measure_step\n"
-        "print(json.dumps(measure_step(**json.loads(sys.argv[1]))))\n"
+    """`measure_step(**settings)` in a new interpreter (its peak RSS is its own)."""
+    return call_in_fresh_process(
+        "longred.benchmarks.memory import measure_step",
+        "(lambda s: measure_step(**s))",
+        settings,
+        what=f"memory run {settings}",
     )
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory run {settings} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -15,16 +15,14 @@ peak memory is its own), from the same weights, data and seed. Units:
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from longred.base.io import atomic_write_json
+from longred.benchmarks.fresh import call_in_fresh_process
 from longred.models.loading import resolve_teacher
 from longred.precompute.config import PrecomputeConfig
 from longred.precompute.job import run_precompute
@@ -126,17 +124,10 @@ def _precompute(cache: str, teacher_dir, short_len, short_samples, s2l_len, s2l_
 
 
 def _train_in_fresh_process(config: dict) -> dict:
-    """`run_training(TrainConfig(**config))` in a new interpreter (its peak memory is its own); its summary.
-
-    Raises:
-        RuntimeError: the run failed (with the end of its output).
-    """
-    code = (
-        "import json, sys\n"
-        "from longred.train import TrainConfig, run_training\n"
-        "print(json.dumps(run_training(TrainConfig(**json.loads(sys.argv[1])), progress=False)))\n"
+    """`run_training(TrainConfig(**config))` in a new interpreter (its peak memory is its own)."""
+    return call_in_fresh_process(
+        "longred.train import TrainConfig, run_training",
+        "(lambda c: run_training(TrainConfig(**c), progress=False))",
+        config,
+        what=f"training run ({config['teacher_mode']})",
     )
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"training run ({config['teacher_mode']}) failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
