@@ -16,7 +16,7 @@ from pathlib import Path
 __all__ = ["resolve_model", "hub_source"]
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_WEIGHTS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]
+_WEIGHTS = ["*.json", "*.safetensors", "*.model", "*.txt"]  # no remote code: it is never run
 
 
 def resolve_model(name: str | os.PathLike[str], *, what: str = "Model") -> Path:
@@ -48,7 +48,7 @@ def hub_source(folder: str | os.PathLike[str]) -> dict[str, str] | None:
 
 
 def _snapshot(text: str, *, what: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import HFValidationError
 
@@ -57,8 +57,6 @@ def _snapshot(text: str, *, what: str) -> Path:
         return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError) as err:
         cached_error = err
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(
             f"{what} {text!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "

@@ -18,7 +18,7 @@ import zarr
 from ._codecs import StoredHidden, get_codec
 from ._integrity import CacheLocation, ShardProblem, shard_key
 from ._shard import ShardLayout, shard_layout
-from ._spec import ArraySpec, CacheSpec, open_spec
+from ._spec import ArraySpec, CacheSpec, open_spec, read_attrs
 
 __all__ = ["TeacherCache", "Targets", "CacheCorruptionError", "MissingShardError", "FIELDS", "FORMS"]
 
@@ -106,12 +106,12 @@ class TeacherCache:
         self.location = CacheLocation(url)
         if not self.location.exists():
             raise FileNotFoundError(f"No longred cache at {url} (no zarr.json).")
-        self.spec: CacheSpec = open_spec(self.location)
+        self.attrs = read_attrs(self.location)  # zarr.json is read once; the spec and attrs share it
+        self.spec: CacheSpec = open_spec(self.location, self.attrs)
         self.identity = self.spec.fingerprint_sha256()
         self.codec = get_codec(self.spec.codec)
         self.checksums = checksums
         self._group = zarr.open_group(self.location.url, mode="r")
-        self.attrs = dict(self._group.attrs)
         self._complete: dict[str, set[int]] = {}
         self._checked: dict[tuple[str, int], bool] = {}  # shard -> checksums verified (else sizes)
         self._layouts: dict[str, ShardLayout | None] = {}

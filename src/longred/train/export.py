@@ -49,7 +49,7 @@ def model_card(*, config: dict, settings: dict, teacher: dict, cache: dict | Non
         "---",
         "library_name: transformers",
         "tags: [longred, long-context, distillation]",
-        f"base_model: {base}" if "/" in base else "",
+        *([f"base_model: {base}"] if "/" in base else []),
         "---",
         "",
         f"# {base}, context extended by LongReD",
@@ -72,7 +72,7 @@ def model_card(*, config: dict, settings: dict, teacher: dict, cache: dict | Non
     ]
     if summary.get("eval"):
         lines += ["", "## Evaluation", "", "```json", json.dumps(summary["eval"], indent=1), "```"]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def push_to_hub(folder: Path, *, repo_id: str) -> str:
