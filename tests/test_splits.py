@@ -13,7 +13,7 @@ import zarr
 
 from longred.cli import main
 from longred.corpus.embedded import embedded_documents
-from longred.corpus.split import DocumentSplit, document_sha256
+from longred.corpus.split import TEST, VALIDATION, DocumentSplit, document_sha256
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples, resolve_bos
 from longred.eval.heldout import LeakError, ReadDocuments, check_not_trained_on, heldout_documents
 from longred.models.loading import load_tokenizer
@@ -157,9 +157,9 @@ def test_bos_follows_the_tokenizer_unless_set(tiny_teacher_dir):
 def test_the_split_rule_is_the_one_format_md_spells_out():
     import hashlib
 
-    def spelled_out(text: str, seed: int, share: float) -> bool:
+    def spelled_out(text: str, seed: int, share: float, salt: str = "heldout") -> bool:
         d = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        key = hashlib.sha256(f"longred-split-v1\0heldout\0{seed}\0{d}".encode()).digest()
+        key = hashlib.sha256(f"longred-split-v1\0{salt}\0{seed}\0{d}".encode()).digest()
         return int.from_bytes(key[:8], "big") / 2**64 < share
 
     texts = list(islice(embedded_documents("prose"), 200))
@@ -168,3 +168,37 @@ def test_the_split_rule_is_the_one_format_md_spells_out():
         chosen = [split.is_heldout(document_sha256(t)) for t in texts]
         assert chosen == [spelled_out(t, seed, share) for t in texts]
         assert 0.5 * share < sum(chosen) / len(texts) < 1.5 * share
+        parts = [split.part(document_sha256(t)) for t in texts]
+        assert parts == [VALIDATION if spelled_out(t, seed, 0.5, "validation") else TEST for t in texts]
+
+
+def test_validation_and_test_parts_are_disjoint_and_the_cache_holds_only_test(tiny_teacher_dir, tmp_path):
+    cache = precompute(tiny_teacher_dir, tmp_path / "cache.zarr", short_samples=8, heldout=4, s2l_samples=2)
+    split = DocumentSplit.from_record(cache.spec.split)
+    assert split.validation_share == 0.5
+    parts = {
+        part: {
+            document_sha256(t)
+            for t in heldout_documents("embedded:prose", field="text", split=split, part=part)
+        }
+        for part in (VALIDATION, TEST)
+    }
+    every = {document_sha256(t) for t in heldout_documents("embedded:prose", field="text", split=split)}
+    assert parts[VALIDATION] and parts[TEST] and not parts[VALIDATION] & parts[TEST]
+    assert parts[VALIDATION] | parts[TEST] == every
+    documents = cache.spec.split["documents"]
+    assert set(documents["heldout"]) <= parts[TEST], "the cache's held-out samples are test texts"
+    trained = set(documents["short"]) | set(documents["s2l"])
+    assert not parts[VALIDATION] & trained
+
+
+def test_a_split_recorded_before_the_parts_has_no_validation_part():
+    record = DocumentSplit(seed=0, heldout_share=0.2).to_dict()
+    del record["validation_share"]
+    old = DocumentSplit.from_record(record)
+    texts = list(islice(embedded_documents("prose"), 100))
+    assert list(old.select(texts, role=TEST, kinds=("long",))) == list(
+        old.select(texts, role="heldout", kinds=("long",))
+    )
+    with pytest.raises(ValueError, match="no validation part"):
+        next(old.select(texts, role=VALIDATION, kinds=("long",)))

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from longred.corpus.documents import corpus_sha256, iter_documents
-from longred.corpus.split import HELDOUT, DocumentSplit, document_sha256
+from longred.corpus.split import TEST, DocumentSplit, document_sha256
 
 __all__ = [
     "BOS_CHOICES",
@@ -112,8 +112,9 @@ def resolve_bos(bos: str, tokenizer: Any) -> bool:
 def cut_samples(spec: SampleSpec, tokenizer: Any) -> tuple[dict[str, np.ndarray], dict]:
     """The token ids of every sample of every kind `spec` asks for, cut by document from its corpus.
 
-    Held-out short windows come from held-out documents (`spec.split()`), training windows from the
-    others; with one corpus for both kinds, short and s2l windows come from disjoint documents.
+    Held-out short windows come from the test part of the held-out documents (`spec.split()`; the
+    validation part is left to the evaluation), training windows from the others; with one corpus for
+    both kinds, short and s2l windows come from disjoint documents.
 
     Returns:
         ({"short": (short_samples + heldout, short_len) with the held-out rows last,
@@ -147,7 +148,7 @@ def cut_samples(spec: SampleSpec, tokenizer: Any) -> tuple[dict[str, np.ndarray]
     arrays = [short.input_ids_NT]
     documents = {"short": list(short.documents), "heldout": []}
     if spec.heldout:
-        held = windows(HELDOUT, short_kinds, spec.corpus, spec.field, spec.short_len, spec.heldout, spec.seed)
+        held = windows(TEST, short_kinds, spec.corpus, spec.field, spec.short_len, spec.heldout, spec.seed)
         arrays.append(held.input_ids_NT)
         documents["heldout"] = list(held.documents)
     samples = {"short": np.concatenate(arrays)}

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from longred.corpus.documents import iter_documents
-from longred.corpus.split import HELDOUT, DocumentSplit, document_sha256
+from longred.corpus.split import HELDOUT, PARTS, DocumentSplit, document_sha256
 from longred.corpus.windows import SampleSpec
 
 __all__ = [
@@ -52,12 +52,19 @@ def evaluation_split(
         )
     if share <= 0:
         raise ValueError("heldout_share is 0: no document is held out, so nothing can be evaluated.")
+    if recorded:
+        return DocumentSplit.from_record(recorded)
     return DocumentSplit(seed=seed, heldout_share=share)
 
 
-def heldout_documents(corpus: str, *, field: str, split: DocumentSplit) -> Iterator[str]:
-    """The documents of `corpus` that `split` holds out, in corpus order."""
-    return split.select(iter_documents(corpus, field=field), role=HELDOUT, kinds=("long",))
+def heldout_documents(
+    corpus: str, *, field: str, split: DocumentSplit, part: str | None = None
+) -> Iterator[str]:
+    """The documents of `corpus` that `split` holds out, in corpus order: those of one part
+    (`PARTS`: "validation" to choose settings on, "test" to report) or, with None, all of them."""
+    if part is not None and part not in PARTS:
+        raise ValueError(f"part must be one of {list(PARTS)} or None, got {part!r}.")
+    return split.select(iter_documents(corpus, field=field), role=part or HELDOUT, kinds=("long",))
 
 
 def training_documents(model_dir: str | Path) -> dict[str, set[str]]:

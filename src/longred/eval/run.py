@@ -18,7 +18,7 @@ import torch
 from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.rope import RopeSpec, parse_rope_spec
 from longred.base.urls import check_urls
-from longred.corpus.split import DocumentSplit
+from longred.corpus.split import PARTS, VALIDATION, DocumentSplit
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import evaluate_model
 from longred.eval.harness import (
@@ -84,6 +84,11 @@ class EvalConfig:
     precompute and training never read). None: the cache's split, else precompute's default (0)."""
     heldout_share: float | None = None
     """Share of documents the split holds out. None: the cache's, else precompute's default (0.05)."""
+    part: str = "test"
+    """Which held-out documents every evaluated text comes from: test (report results) or validation
+    (choose settings). With a cache, test scores its held-out short samples (cut from test documents);
+    validation cuts short texts from the validation documents of the cache's short corpus and needs
+    the teacher live for their targets."""
     long_packing: str = "document"
     """document: one window per document of at least long_len tokens (real long-range context);
     pack: documents joined with EOS and cut."""
@@ -124,6 +129,7 @@ class EvalConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "teacher_mode": _TEACHER_MODES,
         "long_packing": _PACKINGS,
+        "part": PARTS,
     }
 
     def __post_init__(self) -> None:
@@ -135,8 +141,11 @@ class EvalConfig:
             self.lm_eval_tasks = list(comma_list(self.lm_eval_tasks))
         problems = []
         problems += one_of(self)
-        if self.teacher_mode == "offline" and self.cache is None:
-            problems.append("teacher_mode 'offline' needs a cache (the teacher's stored targets)")
+        if self.teacher_mode == "offline" and (self.cache is None or self.part == VALIDATION):
+            problems.append(
+                "teacher_mode 'offline' needs a cache's stored targets, which exist for test short "
+                "texts only; use teacher_mode online (or part test with a cache)"
+            )
         problems += at_least(
             self,
             1,
@@ -262,17 +271,18 @@ def _evaluated_texts(
 ) -> tuple[Any, Any, list, list[str]]:
     """Short texts, long texts and passkey cases, all from held-out documents and checked against the
     model's training record; also the content hashes of the long texts' documents."""
-    if cache is not None:
+    if cache is not None and config.part != VALIDATION:
         short_texts = load_short_texts(cache, samples=config.short_samples)
     else:
-        short_read = ReadDocuments(heldout_documents(config.short_corpus, field=config.field, split=split))
+        corpus, field = _short_corpus(config, cache)
+        short_read = ReadDocuments(heldout_documents(corpus, field=field, split=split, part=config.part))
         short_texts = short_texts_from_corpus(
             short_read,
             tokenizer,
-            length=config.short_len,
+            length=config.short_len if cache is None else cache.spec.kinds["short"].length,
             samples=config.short_samples,
             seed=config.seed,
-            corpus=f"{config.short_corpus} (held-out documents)",
+            corpus=f"{corpus} (held-out {config.part} documents)",
         )
         check_not_trained_on(config.model, short_read.digests, what="short texts")
     long_read = ReadDocuments(_long_documents(config, split))
@@ -283,7 +293,7 @@ def _evaluated_texts(
         num_samples=config.long_samples,
         mode=config.long_packing,
         seed=config.seed,
-        corpus=f"{config.long_corpus} (held-out documents)",
+        corpus=f"{config.long_corpus} (held-out {config.part} documents)",
     )
     passkey_read = ReadDocuments(_long_documents(config, split))
     cases = make_passkey_cases(
@@ -292,7 +302,7 @@ def _evaluated_texts(
         lengths=passkey_lengths,
         trials=config.passkey_trials,
         seed=config.seed,
-        corpus=f"{config.long_corpus} (held-out documents)",
+        corpus=f"{config.long_corpus} (held-out {config.part} documents)",
     )
     check_not_trained_on(config.model, long_read.digests, what="long texts")
     check_not_trained_on(config.model, passkey_read.digests, what="passkey haystacks")
@@ -332,7 +342,7 @@ def _harness_settings(
     include_path = None
     if set(LOCAL_TASKS) & set(config.lm_eval_tasks):
         corpus, field = short_corpus
-        read = ReadDocuments(heldout_documents(corpus, field=field, split=split))
+        read = ReadDocuments(heldout_documents(corpus, field=field, split=split, part=config.part))
         documents = [
             text for text in itertools.islice((t for t in read if t.strip()), config.lm_eval_documents)
         ]
@@ -384,6 +394,6 @@ def _load_evaluated_model(config: EvalConfig, *, device: str) -> Any:
 
 
 def _long_documents(config: EvalConfig, split: DocumentSplit) -> Any:
-    """long_corpus's held-out documents after the first `long_skip`."""
-    documents = heldout_documents(config.long_corpus, field=config.field, split=split)
+    """long_corpus's held-out documents of `config.part` after the first `long_skip`."""
+    documents = heldout_documents(config.long_corpus, field=config.field, split=split, part=config.part)
     return itertools.islice(documents, config.long_skip, None)
