@@ -3,7 +3,7 @@
 import json
 
 from longred.cli import main
-from longred.recipes.demo import PRESETS
+from longred.recipes.presets import PRESETS
 
 HEADLINE = {"short_ppl", "short_retention", "short_kl", "long_ppl", "passkey_acc", "hidden_cos_mean"}
 LM_EVAL = {"docs_word_ppl", "cloze_acc", "bench_retention", "ruler_acc"}

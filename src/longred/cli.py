@@ -159,6 +159,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from longred.recipes.study import run_study
+
+    run_study(args.name, out=args.out, preset=args.preset, progress=args.progress)
+    return 0
+
+
 def _teacher_install(args: argparse.Namespace) -> int:
     from longred.models.embedded import install_embedded_teacher
 
@@ -173,6 +180,8 @@ EXAMPLES = {
     "longred train --config configs/llama3-8b-32k.yaml --report-to tensorboard --no-compile",
     "eval": "longred eval --model runs/tiny-cpu/model --cache runs/tiny-cpu-cache.zarr --out runs/eval",
     "demo": "longred demo --out runs/demo\nlongred demo --preset smoke --out runs/smoke",
+    "study": "longred study settings --out runs/study-settings\n"
+    "longred study storage --out runs/study-storage",
     "select-layers": "longred select-layers --rope abf:theta=2e7 --samples 8 --out runs/layers",
     "cache": "longred cache info runs/cache.zarr\nlongred cache verify s3://bucket/cache.zarr",
 }
@@ -237,11 +246,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument(
         "--preset",
         default="quick",
-        choices=["quick", "full", "smoke"],
-        help="quick: 2 methods, <= 15 min on 2 CPU cores; full: 4 methods; smoke: tiny random model",
+        choices=["quick", "full", "modes", "smoke"],
+        help="quick: 2 methods, <= 15 min on 2 CPU cores; full: 4 methods; modes: quick plus LongReD-C "
+        "training only attention or LoRA; smoke: tiny random model",
     )
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(run=_demo)
+    study = commands.add_parser(
+        "study",
+        help="the demo's students under other settings, scored on validation documents",
+        **_examples("study"),
+    )
+    study.add_argument(
+        "name",
+        choices=["settings", "storage"],
+        help="settings: learning rates, loss weights, trainable subsets; storage: cache codecs and "
+        "stored positions",
+    )
+    study.add_argument("--preset", default="quick", choices=["quick", "smoke"], help="the demo preset")
+    study.add_argument("--out", required=True, help="output folder")
+    study.set_defaults(run=_study)
     _add_select_layers_command(commands)
     _add_bench_commands(commands)
     teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(
