@@ -90,3 +90,26 @@ def test_incomplete_cache_cannot_be_streamed(tmp_path):
     write_cache(url, tiny_spec(), shards={"short": [0], "s2l": [0, 1]})
     with pytest.raises(ValueError, match=r"short shards \[1, 2\] are incomplete"):
         TargetStream(TeacherCache(url), "short")
+
+
+def _array(hidden):
+    """The tensor a hidden target holds: itself (decoded) or the int8 codes (direction)."""
+    return hidden if isinstance(hidden, torch.Tensor) else hidden.parts["codes"]
+
+
+@pytest.mark.parametrize("form", ["decoded", "direction"])
+def test_batches_of_one_shard_are_views_and_equal_the_samples_read_one_by_one(cache_url, form):
+    cache = TeacherCache(cache_url)
+    fields = ("input_ids", "hidden")
+    samples = list(TargetStream(cache, "short", seed=2, fields=fields, prefetch=0, form=form))
+    for start in range(0, len(samples) - 1, 2):  # pairs within a shard and across shard boundaries
+        batch = collate(samples[start : start + 2])
+        for k, sample in enumerate(samples[start : start + 2]):
+            alone = cache.read_sample("short", sample["sample_id"], fields=fields, form=form)
+            assert torch.equal(batch["input_ids"][k], alone["input_ids"])
+            for layer, hidden in batch["hidden"].items():
+                assert torch.equal(_array(hidden)[k], _array(alone["hidden"][layer]))
+    same_shard = [s for s in samples if s["sample_id"] < 4][:2]  # shard 0: samples 0-3, consecutive
+    stacked = _array(collate(same_shard)["hidden"]["final"])
+    first = _array(same_shard[0]["hidden"]["final"])
+    assert stacked.untyped_storage().data_ptr() == first.untyped_storage().data_ptr(), "no copy"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["HiddenCodec", "Bf16Codec", "Int8Codec", "Int8OutlierCodec", "StoredHidden", "get_codec", "CODECS"]
+__all__ += ["stack_rows"]
 
 
 def bf16_bits(values: torch.Tensor) -> torch.Tensor:
@@ -234,7 +235,7 @@ class StoredHidden:
         names = tuple(items[0].parts)
         if any(tuple(item.parts) != names or item.codec != items[0].codec for item in items):
             raise ValueError("StoredHidden.stack: items hold different codecs or arrays.")
-        return StoredHidden(items[0].codec, {n: torch.stack([i.parts[n] for i in items]) for n in names})
+        return StoredHidden(items[0].codec, {n: stack_rows([i.parts[n] for i in items]) for n in names})
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> StoredHidden:
         """The same arrays on ``device``, as stored (1 byte per int8 code crosses, not 4)."""
@@ -274,3 +275,21 @@ def get_codec(spec: str | dict) -> HiddenCodec:
     if name not in CODECS:
         raise ValueError(f"Unknown hidden-state codec {name!r}; choose one of {sorted(CODECS)}.")
     return CODECS[name](**params)
+
+
+def stack_rows(items: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(items)``; a view, not a copy, when the items are consecutive rows of one contiguous
+    array (what a shard read in stream order hands out)."""
+    first = items[0]
+    size = first.numel()
+    one_array = first.is_contiguous() and all(
+        item.is_contiguous()
+        and item.shape == first.shape
+        and item.dtype == first.dtype
+        and item.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and item.storage_offset() == first.storage_offset() + k * size
+        for k, item in enumerate(items)
+    )
+    if not one_array:
+        return torch.stack(items)
+    return first.as_strided((len(items), *first.shape), (size, *first.stride()), first.storage_offset())

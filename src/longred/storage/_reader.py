@@ -9,6 +9,7 @@ whose bytes fail zarr's checks (Zstd frame checksum, CRC32C of the shard index) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,18 +166,27 @@ class TeacherCache:
         fields: tuple[str, ...] | None = None,
         layers: tuple[str, ...] | None = None,
         form: str = "decoded",
+        order: Sequence[int] | None = None,
     ) -> Targets:
         """Read and decode one whole shard (the efficient unit of I/O).
 
         ``fields``: of ``FIELDS``, None for all that every sample of the shard stores (asking for a
-        top-k some sample lacks raises ValueError); ``form``: one of ``FORMS``."""
+        top-k some sample lacks raises ValueError); ``form``: one of ``FORMS``; ``order``: sample ids of
+        the shard, the rows wanted in the order wanted (default: all, in shard order). Rows are decoded
+        straight into that order, so a stream's consecutive samples are consecutive rows of one array
+        and ``collate`` stacks them without a copy."""
         if not self._is_complete(kind, shard):
             raise MissingShardError(
                 f"{self.url}: {kind} shard {shard} is not complete (no completion record)."
             )
         ids = self.spec.shard_range(kind, shard)
         self._check_shard(kind, shard, checksums=self.checksums)
-        return self._read(kind, slice(ids.start, ids.stop), ids, fields, layers, f"shard {shard}", form)
+        rows = None
+        if order is not None:
+            rows = np.asarray(order, dtype=np.int64) - ids.start
+            if rows.ndim != 1 or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(ids):
+                raise ValueError(f"order must list sample ids of {kind} shard {shard} ({ids}), got {order}.")
+        return self._read(kind, slice(ids.start, ids.stop), rows, fields, layers, f"shard {shard}", form)
 
     def read_sample(
         self,
@@ -197,10 +207,9 @@ class TeacherCache:
             raise MissingShardError(
                 f"{self.url}: sample {sample_id} is in {kind} shard {shard}, not complete."
             )
-        ids = range(sample_id, sample_id + 1)
         self._check_shard(kind, shard, checksums=False)
         return self._read(
-            kind, slice(sample_id, sample_id + 1), ids, fields, layers, f"shard {shard}", form
+            kind, slice(sample_id, sample_id + 1), None, fields, layers, f"shard {shard}", form
         ).sample(0)
 
     # internals ---------------------------------------------------------------------------------------
@@ -241,11 +250,13 @@ class TeacherCache:
             )
         return chosen
 
-    def _read(self, kind, rows: slice, ids: range, fields, layers, where: str, form: str) -> Targets:
+    def _read(self, kind, span: slice, rows, fields, layers, where: str, form: str) -> Targets:
+        """The samples of `span` (rows of it, in order, when `rows` is given)."""
         self._check_kind(kind)
         ks = self.spec.kinds[kind]
+        ids = np.arange(span.start, span.stop) if rows is None else span.start + rows
         if fields is None:  # everything these samples store
-            fields = FIELDS if all(ks.has_topk(i) for i in ids) else ("input_ids", "hidden")
+            fields = FIELDS if all(ks.has_topk(int(i)) for i in ids) else ("input_ids", "hidden")
         unknown = set(fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"Unknown fields {sorted(unknown)}; choose from {list(FIELDS)}.")
@@ -253,7 +264,7 @@ class TeacherCache:
             raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}.")
         layers = self.resolve_layers(kind, layers) if "hidden" in fields else ()
         if "topk" in fields:
-            lacking = [i for i in ids if not ks.has_topk(i)]
+            lacking = [int(i) for i in ids if not ks.has_topk(int(i))]
             if lacking:
                 raise ValueError(
                     f"{self.url}: {kind} samples {lacking[:5]} ({where}) have no stored top-k ({kind} topk="
@@ -262,7 +273,7 @@ class TeacherCache:
                 )
         parts = self.codec.direction_parts() if form == "direction" else None
         wanted = [a for a in self.spec.arrays(kind) if _selected(a, kind, fields, layers, parts)]
-        raw = {a.path: self._read_array(a, rows, kind, where) for a in wanted}
+        raw = {a.path: self._read_array(a, span, rows, kind, where) for a in wanted}
         hidden: dict = {}
         for layer in layers:
             arrays = {a.part: raw[a.path] for a in wanted if a.layer == layer}
@@ -276,24 +287,23 @@ class TeacherCache:
             (lambda a, dtype: torch.from_numpy(a.astype(dtype))) if decoded else (lambda a, _: _as_tensor(a))
         )
         return Targets(
-            sample_ids=torch.arange(ids.start, ids.stop),
+            sample_ids=torch.from_numpy(ids),
             input_ids=_long(raw[f"{kind}/input_ids"]) if "input_ids" in fields else None,
             hidden=hidden,
             topk_ids=convert(raw[f"{kind}/topk_ids"], np.int64) if topk else None,
             topk_logprobs=convert(raw[f"{kind}/topk_logprobs"], np.float32) if topk else None,
             tail_logmass=torch.from_numpy(raw[f"{kind}/tail_logmass"]) if topk else None,
-            kept_positions=[ks.kept_positions(i) for i in ids] if ks.position_fraction < 1.0 else None,
+            kept_positions=[ks.kept_positions(int(i)) for i in ids] if ks.position_fraction < 1.0 else None,
         )
 
-    def _read_array(self, array: ArraySpec, rows: slice, kind: str, where: str) -> np.ndarray:
+    def _read_array(self, array: ArraySpec, span: slice, rows, kind: str, where: str) -> np.ndarray:
         try:
-            shard, offset = divmod(rows.start, self.spec.shard_samples)
-            layout = self._layout(array) if offset == 0 and rows.stop - rows.start > 1 else None
+            shard, offset = divmod(span.start, self.spec.shard_samples)
+            layout = self._layout(array) if offset == 0 and span.stop - span.start > 1 else None
             if layout is not None:  # a whole shard: one object read, no per-chunk zarr overhead
-                return layout.decode(
-                    self.location.read_bytes(shard_key(array, shard)), rows.stop - rows.start
-                )
-            return self._group[array.path][rows]
+                blob = self.location.read_bytes(shard_key(array, shard))
+                return layout.decode(blob, np.arange(span.stop - span.start) if rows is None else rows)
+            return self._group[array.path][span] if rows is None else self._group[array.path][span][rows]
         except Exception as err:  # zarr/numcodecs raise assorted types for undecodable bytes
             raise CacheCorruptionError(
                 f"{self.url}: cannot decode {kind} {where}, array {array.path}: {type(err).__name__}: {err}. "

@@ -33,8 +33,9 @@ class ShardLayout:
     chunks_per_shard: int
     fill_value: int | float = 0
 
-    def decode(self, blob: bytes, rows: int) -> np.ndarray:
-        """The first ``rows`` samples of one shard object -> (rows, *chunk_shape[1:]).
+    def decode(self, blob: bytes, rows: np.ndarray) -> np.ndarray:
+        """Samples ``rows`` (indices into the shard, in the order wanted) of one shard object ->
+        (len(rows), *chunk_shape[1:]).
 
         Raises:
             ValueError: the index checksum fails; RuntimeError: a Zstd frame does not decode.
@@ -49,14 +50,15 @@ class ShardLayout:
                 f"shard index crc32c mismatch (stored {stored}, computed {google_crc32c.value(index)})"
             )
         offsets = np.frombuffer(index, dtype="<u8").reshape(self.chunks_per_shard, 2)
-        out = np.empty((rows, *self.chunk_shape[1:]), dtype=self.dtype)
+        out = np.empty((len(rows), *self.chunk_shape[1:]), dtype=self.dtype)
         zstd = numcodecs.Zstd()
-        for row in range(rows):
+        view = memoryview(blob)
+        for j, row in enumerate(rows):
             start, size = (int(v) for v in offsets[row])
             if start == _MISSING and size == _MISSING:  # zarr's empty chunk: the fill value
-                out[row] = self.fill_value
+                out[j] = self.fill_value
                 continue
-            zstd.decode(blob[start : start + size], out=out[row])
+            zstd.decode(view[start : start + size], out=out[j])
         return out
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ._codecs import StoredHidden
+from ._codecs import StoredHidden, stack_rows
 from ._reader import FIELDS, FORMS, Targets, TeacherCache
 
 __all__ = ["TargetStream", "TargetDataset", "collate"]
@@ -127,11 +127,10 @@ class TargetStream:
             )
         while self.epochs is None or self.epoch < self.epochs:
             plan = self._remaining(self.epoch_plan(self.epoch), self.position)
-            for targets, order in self._shards(plan):
-                first = int(targets.sample_ids[0])
-                for sample_id in order:
+            for targets in self._shards(plan):  # rows already in this epoch's order
+                for row in range(len(targets.sample_ids)):
                     self.position += 1
-                    yield targets.sample(int(sample_id) - first)
+                    yield targets.sample(row)
             self.epoch, self.position = self.epoch + 1, 0
 
     @staticmethod
@@ -145,13 +144,15 @@ class TargetStream:
             skip = 0
         return out
 
-    def _read(self, shard: int) -> Targets:
-        return self.cache.read_shard(self.kind, shard, fields=self.fields, layers=self.layers, form=self.form)
+    def _read(self, shard: int, order: np.ndarray) -> Targets:
+        return self.cache.read_shard(
+            self.kind, shard, fields=self.fields, layers=self.layers, form=self.form, order=order
+        )
 
-    def _shards(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[Targets, np.ndarray]]:
+    def _shards(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[Targets]:
         if self.prefetch <= 0:
             for shard, order in plan:
-                yield self._read(shard), order
+                yield self._read(shard, order)
             return
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -159,7 +160,7 @@ class TargetStream:
         def produce() -> None:
             for shard, order in plan:
                 try:
-                    item = (self._read(shard), order)
+                    item = self._read(shard, order)
                 except BaseException as err:  # handed to the consumer, which re-raises it
                     item = err
                 while not stop.is_set():
@@ -202,15 +203,16 @@ class TargetDataset(torch.utils.data.IterableDataset):
 
 def collate(samples: list[dict]) -> dict:
     """Stack samples into a batch: tensors (and ``StoredHidden``) gain a leading B axis; ``sample_id``
-    becomes a (B,) tensor. Stored codes stay stored: the batch holds them as the cache does."""
+    becomes a (B,) tensor. Stored codes stay stored: the batch holds them as the cache does. Samples that
+    are consecutive rows of one array (a stream's, within a shard) become a view of it, not a copy."""
     batch: dict = {"sample_id": torch.tensor([s["sample_id"] for s in samples])}
     for name in samples[0]:
         if name == "hidden":
             batch["hidden"] = {k: _stack([s["hidden"][k] for s in samples]) for k in samples[0]["hidden"]}
         elif name != "sample_id":
-            batch[name] = torch.stack([s[name] for s in samples])
+            batch[name] = stack_rows([s[name] for s in samples])
     return batch
 
 
 def _stack(items: list) -> torch.Tensor | StoredHidden:
-    return StoredHidden.stack(items) if isinstance(items[0], StoredHidden) else torch.stack(items)
+    return StoredHidden.stack(items) if isinstance(items[0], StoredHidden) else stack_rows(items)
