@@ -363,6 +363,12 @@ def run_memory_benchmark(
     return result
 
 
+RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+"""glibc settings of the measured process: blocks over 64 KiB are mapped on their own and unmapped when
+freed, so the resident set follows the live memory instead of keeping what the allocator freed (on
+SmolLM2, LoRA r16, 512 tokens: 1,652 MB RSS peak with them, 2,026 MB without)."""
+
+
 def _in_fresh_process(settings: dict) -> dict:
     """`measure_step(**settings)` in a new interpreter (its peak RSS is its own)."""
     return call_in_fresh_process(
@@ -370,4 +376,5 @@ def _in_fresh_process(settings: dict) -> dict:
         "(lambda s: measure_step(**s))",
         settings,
         what=f"memory run {settings}",
+        env=RETURN_FREED_MEMORY,
     )
