@@ -5,6 +5,7 @@ Legend: N samples, T tokens.
 """
 
 import argparse
+import dataclasses
 import json
 import shutil
 
@@ -13,6 +14,7 @@ import torch
 
 from longred.base.config import ConfigError, add_config_arguments, config_overrides, load_config
 from longred.corpus.embedded import embedded_documents
+from longred.corpus.split import DocumentSplit, document_sha256
 from longred.eval import (
     HEADLINE_KEYS,
     EvalConfig,
@@ -22,9 +24,11 @@ from longred.eval import (
     run_eval,
     write_report,
 )
+from longred.eval.heldout import heldout_documents
 from longred.models.loading import load_model, load_tokenizer
 from longred.precompute.config import PrecomputeConfig
 from longred.precompute.job import run_precompute
+from longred.storage import TeacherCache
 
 PNG = b"\x89PNG"
 
@@ -185,3 +189,32 @@ def test_eval_config_from_flags():
     config = load_config(EvalConfig, overrides=config_overrides(args, EvalConfig))
     assert config.passkey_lengths == [512, 1024] and config.long_len == 1024 and config.teacher is None
     assert "Held-out long texts" in parser.format_help()
+
+
+def test_run_eval_on_the_validation_part_reads_only_validation_documents(
+    tiny_teacher_dir, cache_url, tmp_path
+):
+    config = EvalConfig(
+        model=str(tiny_teacher_dir),
+        teacher=str(tiny_teacher_dir),
+        cache=cache_url,
+        part="validation",
+        long_len=128,
+        long_samples=6,  # without the part, the first six held-out source files include test ones
+        passkey_lengths=[256],
+        passkey_trials=1,
+        short_samples=2,
+        out=str(tmp_path),
+    )
+    results = run_eval(config, progress=False)
+    (result,) = results["models"].values()
+    short = result["details"]["short"]
+    assert short["samples"] == 2 and short["kl_source"] == "full" and "validation" in short["source"]
+    split = DocumentSplit.from_record(TeacherCache(cache_url).spec.split)
+    validation = {
+        document_sha256(text)
+        for text in heldout_documents("embedded:source", field="text", split=split, part="validation")
+    }
+    assert set(results["meta"]["split"]["long_documents"]) <= validation
+    with pytest.raises(ValueError, match="teacher_mode 'offline' needs a cache's stored targets"):
+        dataclasses.replace(config, teacher_mode="offline")
