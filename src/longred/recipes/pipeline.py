@@ -159,7 +159,11 @@ def _short_texts(p: DemoPreset, cache: TeacherCache, split, tokenizer, runs: dic
     corpus = cache.spec.split["corpora"]["short"]
     read = ReadDocuments(heldout_documents(corpus["corpus"], field=corpus["field"], split=split, part=part))
     texts = short_texts_from_corpus(
-        read, tokenizer, length=p.short_len, samples=p.heldout, corpus=f"{corpus['corpus']} ({part})"
+        read,
+        tokenizer,
+        length=p.short_len,
+        samples=p.heldout,
+        corpus=f"{corpus['corpus']} (held-out {part} documents)",
     )
     for run in runs.values():
         check_not_trained_on(run["model"], read.digests, what="short texts")
