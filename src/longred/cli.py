@@ -152,20 +152,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from longred.recipes.demo import run_demo
-
-    run_demo(preset=args.preset, out=args.out, progress=args.progress)
-    return 0
-
-
-def _study(args: argparse.Namespace) -> int:
-    from longred.recipes.study import run_study
-
-    run_study(args.name, out=args.out, preset=args.preset, progress=args.progress)
-    return 0
-
-
 def _teacher_install(args: argparse.Namespace) -> int:
     from longred.models.embedded import install_embedded_teacher
 
@@ -233,6 +219,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_cache_commands(commands)
 
     from longred.base.config import add_config_arguments
+    from longred.recipes.commands import add_recipe_commands
 
     for name, help_text, run in CONFIG_COMMANDS:
         command = commands.add_parser(name, help=help_text, **_examples(name))
@@ -240,32 +227,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if configured is None or configured == name:  # a config class imports its stage: only when used
             add_config_arguments(command, _config_class(name))
 
-    demo = commands.add_parser(
-        "demo", help="the whole pipeline in miniature on the embedded teacher", **_examples("demo")
-    )
-    demo.add_argument(
-        "--preset",
-        default="quick",
-        choices=["quick", "full", "modes", "smoke"],
-        help="quick: 2 methods, <= 15 min on 2 CPU cores; full: 4 methods; modes: quick plus LongReD-C "
-        "training only attention or LoRA; smoke: tiny random model",
-    )
-    demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.set_defaults(run=_demo)
-    study = commands.add_parser(
-        "study",
-        help="the demo's students under other settings, scored on validation documents",
-        **_examples("study"),
-    )
-    study.add_argument(
-        "name",
-        choices=["settings", "storage"],
-        help="settings: learning rates, loss weights, trainable subsets; storage: cache codecs and "
-        "stored positions",
-    )
-    study.add_argument("--preset", default="quick", choices=["quick", "smoke"], help="the demo preset")
-    study.add_argument("--out", required=True, help="output folder")
-    study.set_defaults(run=_study)
+    add_recipe_commands(commands, _examples)
     _add_select_layers_command(commands)
     _add_bench_commands(commands)
     teacher = commands.add_parser("teacher", help="the embedded default teacher").add_subparsers(

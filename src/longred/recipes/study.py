@@ -24,15 +24,8 @@ from longred.base.logs import LOG
 from longred.corpus.split import VALIDATION
 from longred.eval.report import write_report
 from longred.precompute.job import run_precompute
+from longred.recipes import pipeline
 from longred.recipes.demo import format_table
-from longred.recipes.pipeline import (
-    evaluate_all,
-    headline,
-    precompute_config,
-    preset_teacher,
-    train_config,
-    train_run,
-)
 from longred.recipes.presets import PRESETS
 from longred.storage import TeacherCache
 
@@ -100,22 +93,22 @@ def run_study(name: str, *, out: str, preset: str = "quick", progress: bool = Tr
     cache_settings, arms = STUDIES[name]
     p = PRESETS[preset]
     folder, started = Path(out), time.perf_counter()
-    teacher_dir = preset_teacher(p, folder)
+    teacher_dir = pipeline.preset_teacher(p, folder)
     caches = {}
     for key, changes in cache_settings.items():
         url = str(folder / "caches" / f"{key.replace(' ', '-').replace('%', 'pct')}.zarr")
         _say(progress, f"precompute cache {key}: {changes or 'the preset'} -> {url}")
-        run_precompute(precompute_config(p, teacher_dir, url, **changes), progress=progress)
+        run_precompute(pipeline.precompute_config(p, teacher_dir, url, **changes), progress=progress)
         caches[key] = url
     runs = {}
     for arm in arms:
         _say(progress, f"train {arm.name}: {arm.run} from cache {arm.cache}, changes {arm.train}")
         arm_out = folder / "runs" / _slug(arm.name)
-        config = train_config(p, arm.run, teacher_dir, caches[arm.cache], arm_out, **arm.train)
-        runs[arm.name] = train_run(config, progress=progress)
+        config = pipeline.train_config(p, arm.run, teacher_dir, caches[arm.cache], arm_out, **arm.train)
+        runs[arm.name] = pipeline.train_run(config, progress=progress)
     _say(progress, "evaluate every model on the validation documents")
     first = next(iter(caches.values()))
-    models = evaluate_all(
+    models = pipeline.evaluate_all(
         p,
         teacher_dir,
         first,
@@ -136,8 +129,10 @@ def run_study(name: str, *, out: str, preset: str = "quick", progress: bool = Tr
     }
     write_report(models, out=folder / "report", meta=meta)
     results = {
-        "teacher": headline(models["teacher"]),
-        "runs": {key: {**headline(models[key]), **runs.get(key, {})} for key in models if key != "teacher"},
+        "teacher": pipeline.headline(models["teacher"]),
+        "runs": {
+            key: {**pipeline.headline(models[key]), **runs.get(key, {})} for key in models if key != "teacher"
+        },
         "caches": {key: cache_size(url) for key, url in caches.items()},
         "meta": meta,
     }
