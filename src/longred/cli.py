@@ -332,7 +332,10 @@ def _add_bench_commands(commands) -> None:
     bench_memory.add_argument("--big-tokens", type=int, default=256, help="tokens per micro-batch (1B)")
     bench_memory.add_argument("--steps", type=int, default=2, help="optimizer steps per mode (>= 2)")
     bench_memory.add_argument(
-        "--big", action=argparse.BooleanOptionalAction, default=True, help="also the random 1B model"
+        "--small", action=argparse.BooleanOptionalAction, default=True, help="SmolLM2, every mode"
+    )
+    bench_memory.add_argument(
+        "--big", action=argparse.BooleanOptionalAction, default=True, help="the random 1B model"
     )
 
 

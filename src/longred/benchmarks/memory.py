@@ -291,6 +291,7 @@ def run_memory_benchmark(
     big_tokens: int = 256,
     steps: int = 2,
     chunk_tokens: int = 256,
+    small: bool = True,
     big: bool = True,
 ) -> dict:
     """Measure every mode on SmolLM2 (and the random 1B), compare with the formula, project to 8B at 32K.
@@ -300,7 +301,8 @@ def run_memory_benchmark(
         teacher: the small model's folder (default: the embedded SmolLM2-135M-Instruct).
         tokens, big_tokens: tokens per micro-batch on the small model and on the 1B model.
         steps: optimizer steps per run (>= 2: the optimizer state exists from the first step on).
-        big: also measure the random 1B model (about 8 minutes on 2 cores).
+        small: measure SmolLM2 in every mode (MemTracker: slow).
+        big: measure the random 1B model (about 8 minutes on 2 cores).
 
     Returns:
         {"device", "measure", "runs": [{model, mode, checkpointing, measured..., formula_mb, formula_error}],
@@ -310,10 +312,11 @@ def run_memory_benchmark(
 
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the optimizer state exists from the first step), got {steps}")
-    small = str(resolve_teacher(teacher))
     # the 1B model: RSS only (MemTracker's dispatch would take an hour here), full and LoRA r16
-    models = [(small, "float32", tokens, list(MODES), True)]
+    models = [(str(resolve_teacher(teacher)), "float32", tokens, list(MODES), True)] if small else []
     models += [("random-1b", "bfloat16", big_tokens, ["full", "lora-r16"], False)] if big else []
+    if not models:
+        raise ValueError("bench memory: nothing to measure (--no-small and --no-big).")
     runs = []
     for model, dtype, n, names, track in models:
         for name in names:
