@@ -135,8 +135,8 @@ def evaluate_all(
         nonlocal teacher_scores
         result = evaluate_model(model, **shared)
         if harness is not None:
-            settings, tasks = harness
-            scores = run_harness(model, tokenizer, settings, tasks=tasks)
+            settings, loaded = harness
+            scores = run_harness(model, tokenizer, settings, tasks=loaded)
             teacher_scores = teacher_scores or scores  # the teacher is measured first
             result["lm_eval"] = harness_result(
                 scores, teacher=teacher_scores, settings=settings, model=model_dir
