@@ -82,7 +82,7 @@ def train_config(p: DemoPreset, run: str, teacher_dir: Path, cache: str, out: Pa
         long_batch=long_batch,
         short_batch=p.short_batch,
         s2l_batch=p.s2l_batch,
-        lr=p.lr,
+        lr=p.lora_lr if trainable == "lora" else p.lr,
     )
     return TrainConfig(**(settings | changes))
 

@@ -33,6 +33,9 @@ class DemoPreset:
     (``longred-c+lora``, ``longred-c+attention``)."""
     steps: int
     lr: float
+    lora_lr: float = 1e-3
+    """Learning rate of ``+lora`` runs: the adapters start at zero and need larger steps (the one LoRA
+    rate `longred study settings` measured on validation documents)."""
     long_batch: int
     short_batch: int
     s2l_batch: int
