@@ -30,9 +30,9 @@ def add_recipe_commands(commands, examples: Callable[[str], dict]) -> None:
     )
     study.add_argument(
         "name",
-        choices=["settings", "storage"],
+        choices=["settings", "storage", "short-length"],
         help="settings: learning rates, loss weights, trainable subsets; storage: cache codecs and "
-        "stored positions",
+        "stored positions; short-length: 256- instead of 128-token short texts",
     )
     study.add_argument("--preset", default="quick", choices=["quick", "smoke"], help="the demo preset")
     study.add_argument("--out", required=True, help="output folder")

@@ -10,6 +10,8 @@ shipped tasks (word perplexity of whole validation documents, cloze); RULER and 
   loss weights, and LongReD-C training only attention or a LoRA adapter.
 - ``storage`` (issue 13): LongReD-C from caches stored as bf16 (two training seeds: the run-to-run
   noise), int8, and int8 with 50% or 25% of the short samples' positions.
+- ``short-length``: LongReD-C distilling 256-token short texts instead of 128 (half as many per step:
+  the same tokens), beside long-cpt and the demo's LongReD-C.
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ STUDIES: dict[str, tuple[dict[str, dict], tuple[Arm, ...]]] = {
             Arm("int8", cache="int8"),
             Arm("int8 + 50% positions", cache="int8 50%"),
             Arm("int8 + 25% positions", cache="int8 25%"),
+        ),
+    ),
+    "short-length": (
+        {"int8": {}, "int8 short 256": {"short_len": 256}},
+        (
+            Arm("long-cpt", run="long-cpt"),
+            Arm("longred-c"),
+            Arm("longred-c short 256", cache="int8 short 256", train={"short_batch": 2}),
         ),
     ),
 }
