@@ -88,7 +88,9 @@ def test_storage_errors_are_one_line(tmp_path, capsys):
 )
 def test_quiet_and_tqdm_disable_turn_progress_off(monkeypatch, argv, env, expected):
     seen = {}
-    monkeypatch.setattr("longred.recipes.commands._demo", lambda args: seen.setdefault("progress", args.progress) and 0)
+    monkeypatch.setattr(
+        "longred.recipes.commands._demo", lambda args: seen.setdefault("progress", args.progress) and 0
+    )
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     if not env:
@@ -98,7 +100,9 @@ def test_quiet_and_tqdm_disable_turn_progress_off(monkeypatch, argv, env, expect
     assert seen["progress"] is expected
 
 
-@pytest.mark.parametrize("command", ["precompute", "train", "eval", "demo", "study", "select-layers", "cache"])
+@pytest.mark.parametrize(
+    "command", ["precompute", "train", "eval", "demo", "study", "select-layers", "cache"]
+)
 def test_help_has_examples_and_choices(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])

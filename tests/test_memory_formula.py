@@ -29,30 +29,19 @@ def test_saved_elements_per_token_match_the_counted_ones(hidden, intermediate, h
 
 
 def test_shape_counts_parameters_and_the_8b_projection():
-    shape = ModelShape.from_config(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            tie_word_embeddings=True,
-        )
-    )
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-            tie_word_embeddings=True,
-        )
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=True,
     )
+    shape = ModelShape.from_config(config)
+    model = LlamaForCausalLM(config)
     assert shape.params == sum(p.numel() for p in model.parameters())
     assert round(LLAMA3_8B.params / 1e9, 2) == 8.03
     rows = projection()["gb"]

@@ -78,26 +78,22 @@ def test_cpu_offload_shards_with_the_offload_policy(tiny_teacher_dir):
     from longred.train.parallel import Distributed, parallelize
 
     student = load_model(tiny_teacher_dir)
-    plain = parallelize(
-        student,
-        blocks=student.model.layers,
-        mode="fsdp",
-        world_size=1,
-        device=torch.device("cpu"),
-        compile=False,
-    )
-    assert not isinstance(plain, FSDPModule)
-    dist = Distributed.setup("cpu", single_group=True)
-    try:
-        model = parallelize(
+
+    def fsdp(**offload):
+        return parallelize(
             student,
             blocks=student.model.layers,
             mode="fsdp",
             world_size=1,
             device=torch.device("cpu"),
             compile=False,
-            cpu_offload=True,
+            **offload,
         )
+
+    assert not isinstance(fsdp(), FSDPModule)
+    dist = Distributed.setup("cpu", single_group=True)
+    try:
+        model = fsdp(cpu_offload=True)
         assert isinstance(model, FSDPModule)
         assert all(
             isinstance(b._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)

@@ -22,8 +22,16 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["DocumentSplit", "document_sha256", "SPLIT_RULE", "HELDOUT", "TRAIN", "VALIDATION", "TEST"]
-__all__ += ["PARTS"]
+__all__ = [
+    "DocumentSplit",
+    "document_sha256",
+    "SPLIT_RULE",
+    "HELDOUT",
+    "TRAIN",
+    "VALIDATION",
+    "TEST",
+    "PARTS",
+]
 
 SPLIT_RULE = "longred-split-v1"
 HELDOUT = "heldout"

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from longred.base.io import atomic_write_json
-from longred.base.logs import LOG
 from longred.corpus.split import TEST
 from longred.eval.report import write_report
 from longred.precompute.job import run_precompute
@@ -27,6 +26,7 @@ from longred.recipes.pipeline import (
     headline,
     precompute_config,
     preset_teacher,
+    say,
     train_config,
     train_run,
 )
@@ -51,16 +51,16 @@ def run_demo(*, preset: str = "quick", out: str = "runs/demo", progress: bool = 
     started = time.perf_counter()
     teacher_dir = preset_teacher(p, folder)
     cache = str(folder / "cache.zarr")
-    _say(progress, f"[1/4] precompute: teacher {teacher_dir.name} -> {cache}")
+    say(progress, f"[1/4] precompute: teacher {teacher_dir.name} -> {cache}")
     run_precompute(precompute_config(p, teacher_dir, cache), progress=progress)
     runs = {}
     for method in p.methods:
-        _say(progress, f"[2/4] train {method}: {p.steps} steps from the same cache")
+        say(progress, f"[2/4] train {method}: {p.steps} steps from the same cache")
         config = train_config(p, method, teacher_dir, cache, folder / "runs" / method)
         runs[method] = train_run(config, progress=progress)
-    _say(progress, "[3/4] evaluate the teacher, the extended model and every student")
+    say(progress, "[3/4] evaluate the teacher, the extended model and every student")
     models = evaluate_all(p, teacher_dir, cache, runs, part=TEST, progress=progress)
-    _say(progress, "[4/4] report")
+    say(progress, "[4/4] report")
     meta = {
         "preset": preset,
         "settings": dataclasses.asdict(p),
@@ -121,8 +121,3 @@ def format_table(results: dict) -> str:
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        LOG.info(message)

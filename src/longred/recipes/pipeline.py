@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from longred.base.logs import LOG
 from longred.corpus.split import TEST
 from longred.corpus.windows import build_samples
 from longred.eval.evaluate import HEADLINE_KEYS, evaluate_model
@@ -22,7 +23,15 @@ from longred.recipes.presets import LONG_CORPUS, SHORT_CORPUS, DemoPreset
 from longred.storage import TeacherCache
 from longred.train import TrainConfig, run_training
 
-__all__ = ["preset_teacher", "precompute_config", "train_config", "train_run", "evaluate_all", "headline"]
+__all__ = [
+    "preset_teacher",
+    "precompute_config",
+    "train_config",
+    "train_run",
+    "evaluate_all",
+    "headline",
+    "say",
+]
 
 
 def preset_teacher(p: DemoPreset, folder: Path) -> Path:
@@ -206,3 +215,9 @@ def headline(result: dict) -> dict:
             "ruler_acc": harness["summary"]["ruler_average"],
         }
     return headline
+
+
+def say(progress: bool, message: str) -> None:
+    """Log a stage of a recipe (only when `progress`)."""
+    if progress:
+        LOG.info(message)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from longred.base.io import atomic_write_json
-from longred.base.logs import LOG
 from longred.corpus.split import VALIDATION
 from longred.eval.report import write_report
 from longred.precompute.job import run_precompute
@@ -107,16 +106,16 @@ def run_study(name: str, *, out: str, preset: str = "quick", progress: bool = Tr
     caches = {}
     for key, changes in cache_settings.items():
         url = str(folder / "caches" / f"{key.replace(' ', '-').replace('%', 'pct')}.zarr")
-        _say(progress, f"precompute cache {key}: {changes or 'the preset'} -> {url}")
+        pipeline.say(progress, f"precompute cache {key}: {changes or 'the preset'} -> {url}")
         run_precompute(pipeline.precompute_config(p, teacher_dir, url, **changes), progress=progress)
         caches[key] = url
     runs = {}
     for arm in arms:
-        _say(progress, f"train {arm.name}: {arm.run} from cache {arm.cache}, changes {arm.train}")
+        pipeline.say(progress, f"train {arm.name}: {arm.run} from cache {arm.cache}, changes {arm.train}")
         arm_out = folder / "runs" / _slug(arm.name)
         config = pipeline.train_config(p, arm.run, teacher_dir, caches[arm.cache], arm_out, **arm.train)
         runs[arm.name] = pipeline.train_run(config, progress=progress)
-    _say(progress, "evaluate every model on the validation documents")
+    pipeline.say(progress, "evaluate every model on the validation documents")
     first = next(iter(caches.values()))
     models = pipeline.evaluate_all(
         p,
@@ -153,26 +152,44 @@ def run_study(name: str, *, out: str, preset: str = "quick", progress: bool = Tr
 
 
 def cache_size(url: str) -> dict:
-    """Bytes as stored of a local cache's short samples' hidden states (codes and scales), per value of
-    the full samples (so that a position subset counts as what it saves)."""
+    """Bytes as stored of a local cache's short samples' hidden states (codes and scales) per value of
+    the full samples (so that a position subset counts as what it saves): over all samples, and over the
+    shards that hold only training samples (held-out samples keep every position)."""
     cache = TeacherCache(url)
     kind = cache.spec.kinds["short"]
-    files = [f for name in ("hidden", "hidden_scale") for f in (Path(url) / "short" / name).rglob("*")]
-    stored = sum(f.stat().st_size for f in files if f.is_file() and f.name != "zarr.json")
-    values = kind.num_samples * kind.length * len(kind.layers) * cache.spec.hidden_size
-    return {"bytes_per_value": round(stored / values, 4), "ratio_vs_bf16": round(2 * values / stored, 2)}
+    per_shard: dict[int, int] = {}
+    for name in ("hidden", "hidden_scale"):
+        root = Path(url) / "short" / name
+        for f in root.rglob("*"):
+            if f.is_file() and f.name != "zarr.json":  # <layer>/c/<shard>/...
+                shard = int(f.relative_to(root).parts[2])
+                per_shard[shard] = per_shard.get(shard, 0) + f.stat().st_size
+    per_sample = kind.length * len(kind.layers) * cache.spec.hidden_size
+    heldout = set(kind.heldout)
+    training = [s for s in per_shard if not heldout & set(cache.spec.shard_range("short", s))]
+    stored, values = sum(per_shard.values()), kind.num_samples * per_sample
+    train_stored = sum(per_shard[s] for s in training)
+    train_values = sum(len(cache.spec.shard_range("short", s)) for s in training) * per_sample
+    return {
+        "bytes_per_value": round(stored / values, 4),
+        "ratio_vs_bf16": round(2 * values / stored, 2),
+        "training_bytes_per_value": round(train_stored / train_values, 4) if training else None,
+        "training_ratio_vs_bf16": round(2 * train_values / train_stored, 2) if training else None,
+    }
 
 
 def format_caches(caches: dict) -> str:
-    lines = ["| cache | bytes/value (short hidden) | ratio vs bf16 (2 B) |", "|---|---|---|"]
-    lines += [f"| {key} | {c['bytes_per_value']} | {c['ratio_vs_bf16']} |" for key, c in caches.items()]
+    lines = [
+        "| cache | bytes/value (short hidden) | ratio vs bf16 (2 B) | training shards: bytes/value | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {key} | {c['bytes_per_value']} | {c['ratio_vs_bf16']} | {c['training_bytes_per_value']} "
+        f"| {c['training_ratio_vs_bf16']} |"
+        for key, c in caches.items()
+    ]
     return "\n".join(lines)
 
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in name.replace("+", "-"))
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        LOG.info(message)
