@@ -101,3 +101,24 @@ if __name__ == "__main__":
         wanted = [int(s) for s in args.shards.split(",")]
         chosen = {k: [s for s in wanted if s < spec.num_shards(k)] for k in spec.kinds}
     write_cache(args.url, spec, shards=chosen, sleep=args.sleep)
+
+
+def precompute_config(teacher, out, **changes):
+    """A small real precompute on the tiny teacher (bf16, 14 + 2 held-out short, 3 s2l samples)."""
+    from longred.precompute.config import PrecomputeConfig
+
+    settings = dict(
+        out=str(out),
+        teacher=str(teacher),
+        short_len=32,
+        short_samples=14,
+        heldout=2,
+        s2l_len=128,
+        s2l_samples=3,
+        layers=["1", "3", "final"],
+        top_k=6,
+        shard_samples=4,
+        codec="bf16",
+        batch_tokens=96,
+    )
+    return PrecomputeConfig(**(settings | changes))

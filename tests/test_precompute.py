@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from cache_fixtures import precompute_config
 
 from longred.cli import main
 from longred.models.loading import load_model
@@ -19,24 +20,7 @@ from longred.precompute.config import PrecomputeConfig
 from longred.precompute.job import run_precompute
 from longred.storage import CacheMismatchError, TeacherCache, verify_cache
 
-
-def config(teacher, out, **changes) -> PrecomputeConfig:
-    settings = dict(
-        out=str(out),
-        teacher=str(teacher),
-        short_len=32,
-        short_samples=14,
-        heldout=2,
-        s2l_len=128,
-        s2l_samples=3,
-        layers=["1", "3", "final"],
-        top_k=6,
-        shard_samples=4,
-        codec="bf16",
-        batch_tokens=96,
-    )
-    settings.update(changes)
-    return PrecomputeConfig(**settings)
+config = precompute_config
 
 
 def flags(cfg: PrecomputeConfig) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from cache_fixtures import precompute_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
@@ -37,27 +38,15 @@ TIE = 1e-5  # HF log-probs closer than this are tied: fp32 noise may order them 
 
 
 def config(teacher, out, **changes) -> PrecomputeConfig:
-    settings = dict(
-        out=str(out),
-        teacher=str(teacher),
-        short_len=32,
-        short_samples=14,
-        heldout=2,
-        s2l_len=128,
-        s2l_samples=3,
+    vllm = dict(
         layers=LAYERS,
-        top_k=6,
-        shard_samples=4,
-        codec="bf16",
-        batch_tokens=96,
         backend="vllm",
         dtype="float32",
         kv_cache_gib=0.5,
         short_topk="all",  # every top-k is compared, and the s2l KL below reads the s2l one
         s2l_topk=True,
     )
-    settings.update(changes)
-    return PrecomputeConfig(**settings)
+    return precompute_config(teacher, out, **(vllm | changes))
 
 
 def flags(cfg: PrecomputeConfig) -> list[str]:
