@@ -195,6 +195,7 @@ def _harness(
         tasks=tasks,
         include_path=str(prepare_local_tasks(out, documents, cloze_items=p.lm_eval_cloze)),
         max_length=p.extended_len,
+        batch_size=p.lm_eval_batch,
         limit=p.lm_eval_limit,
         ruler_lengths=p.ruler_lengths if "niah_single_1" in tasks else (),
         tokenizer=str(teacher_dir),
