@@ -35,6 +35,7 @@ def precompute(teacher, out, **changes) -> TeacherCache:
         top_k=4,
         shard_samples=4,
         codec="int8",
+        short_positions=1.0,
         batch_tokens=128,
     )
     run_precompute(PrecomputeConfig(**settings | changes), progress=False)

@@ -48,8 +48,10 @@ def test_cut_samples_are_the_cache_samples(tiny_teacher_dir, tmp_path):
 
 
 def test_cacheless_online_equals_online_with_a_cache(sharp_teacher, tmp_path):
-    """One short and one s2l text, so both runs read them in the same order; targets are live in both."""
+    """One short and one s2l text, so both runs read them in the same order; targets are live in both,
+    at the same half of the short text's positions (precompute's and train's default)."""
     cache = cache_with(sharp_teacher, tmp_path, "bf16", short_samples=1, s2l_samples=1)
+    assert TeacherCache(cache).spec.kinds["short"].position_fraction == 0.5
     tuning = dict(steps=3, lr=3e-3, grad_clip=0.0, s2l_kl_weight=0.5, save_every=0)
     run_training(
         tiny_config(sharp_teacher, cache, tmp_path / "cached", teacher_mode="online", **tuning),

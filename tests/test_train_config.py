@@ -39,6 +39,7 @@ FLAGS = {
     "--s2l-len",
     "--s2l-samples",
     "--top-k",
+    "--short-positions",
     "--long-corpus",
     "--long-field",
     "--long-packing",
@@ -126,6 +127,11 @@ def test_every_problem_is_reported_at_once():
         (dict(cache=None, method="mix-cpt"), "needs short and s2l texts: set cache or short_corpus"),
         (dict(short_corpus="embedded:prose"), "set cache or short_corpus, not both"),
         (dict(short_len=32), "short_len applies to the texts cut from short_corpus"),
+        (dict(short_positions=0.5), "short_positions applies to L_short on the texts cut from short_corpus"),
+        (
+            dict(cache=None, short_corpus="s", teacher_mode="online", short_positions=1.5),
+            "short_positions must be in",
+        ),
         (dict(cache=None, method="long-cpt", short_corpus="embedded:prose"), "short_corpus is unused"),
         (
             dict(cache=None, short_corpus="s", teacher_mode="online", s2l_samples=0),

@@ -6,6 +6,7 @@ at the 1% level.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
@@ -13,6 +14,7 @@ from test_train_config import CONFIGS, one_thread  # noqa: F401 (fixture)
 from longred.base.config import load_config
 from longred.precompute.config import PrecomputeConfig
 from longred.precompute.job import run_precompute
+from longred.storage import TeacherCache
 from longred.train import TrainConfig, run_training
 from longred.train.metrics import MetricsLog
 
@@ -69,9 +71,12 @@ def relative(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_lossless_codec_offline_equals_online(sharp_teacher, tmp_path):
-    """bf16 is lossless for a bf16 teacher; this fp32 teacher's live targets are rounded the same way."""
-    cache = cache_with(sharp_teacher, tmp_path, "bf16")
+@pytest.mark.parametrize("short_positions", [0.5, 1.0])
+def test_lossless_codec_offline_equals_online(sharp_teacher, tmp_path, short_positions):
+    """bf16 is lossless for a bf16 teacher; this fp32 teacher's live targets are rounded the same way,
+    and taken at the positions the cache stores (half of each short text's by default)."""
+    cache = cache_with(sharp_teacher, tmp_path, "bf16", short_positions=short_positions)
+    assert TeacherCache(cache).spec.kinds["short"].position_fraction == short_positions
     offline = train(sharp_teacher, cache, tmp_path / "offline")
     online = train(sharp_teacher, cache, tmp_path / "online", teacher_mode="online", online_rounding=True)
     for a, b in zip(offline, online, strict=True):

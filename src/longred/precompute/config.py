@@ -11,7 +11,7 @@ from longred.base.config import at_least, check, comma_list, one_of
 from longred.base.urls import check_urls
 from longred.corpus.windows import BOS_CHOICES, PACKINGS, SampleSpec
 from longred.ops.capture import DEFAULT_LAYERS, DEFAULT_TOP_K
-from longred.storage import CODECS, POSITION_SAMPLING, TOPK_SAMPLES
+from longred.storage import CODECS, DEFAULT_SHORT_POSITIONS, POSITION_SAMPLING, TOPK_SAMPLES
 
 __all__ = ["PrecomputeConfig", "BACKENDS", "DTYPES"]
 
@@ -64,10 +64,10 @@ class PrecomputeConfig:
     none. Where none is stored the teacher's lm_head does not run."""
     s2l_topk: bool = False
     """Store the s2l samples' top-k (training's s2l_kl_weight > 0 needs it)."""
-    short_positions: float = 1.0
-    """Share of each training short sample's token positions whose hidden states are stored (e.g. 0.5);
-    training's L_short averages over exactly those while the student reads the whole text. Held-out
-    samples keep all."""
+    short_positions: float = DEFAULT_SHORT_POSITIONS
+    """Share of each training short sample's token positions whose hidden states are stored (default 0.5;
+    1.0: all); training's L_short averages over exactly those while the student reads the whole text.
+    Held-out samples keep all."""
     short_position_sampling: str = "strided"
     """Which positions (drawn from `seed` and the sample id): strided (evenly spaced, random offset) or
     random (uniform without replacement)."""

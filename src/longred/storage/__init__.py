@@ -7,6 +7,7 @@ from ._codecs import CODECS, Bf16Codec, HiddenCodec, Int8Codec, Int8OutlierCodec
 from ._integrity import ShardProblem
 from ._reader import FIELDS, FORMS, CacheCorruptionError, MissingShardError, Targets, TeacherCache
 from ._spec import (
+    DEFAULT_SHORT_POSITIONS,
     FORMAT,
     FORMAT_VERSION,
     KINDS,
@@ -15,6 +16,7 @@ from ._spec import (
     TOPK_SAMPLES,
     CacheSpec,
     KindSpec,
+    sample_positions,
 )
 from ._stream import TargetDataset, TargetStream, collate
 from ._verify import cache_info, verify_cache
@@ -22,6 +24,7 @@ from ._writer import CacheMismatchError, CacheWriter
 
 __all__ = [
     "CODECS",
+    "DEFAULT_SHORT_POSITIONS",
     "FIELDS",
     "FORMAT",
     "FORMAT_VERSION",
@@ -49,5 +52,6 @@ __all__ = [
     "cache_info",
     "collate",
     "get_codec",
+    "sample_positions",
     "verify_cache",
 ]

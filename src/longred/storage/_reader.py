@@ -66,14 +66,15 @@ class Targets:
 
     def sample(self, row: int) -> dict:
         """One sample as a dict of tensors (views, no copy), except for a sample that stores only some
-        positions: its ``hidden`` are those positions' states (K, D) (a copy) and ``positions`` (K,) int64
-        says which they are."""
+        positions: ``positions`` (K,) int64 says which they are (also when no hidden state was read: an
+        online teacher's targets are taken there) and its ``hidden`` are those positions' states (K, D)
+        (a copy)."""
         kept = None if self.kept_positions is None else self.kept_positions[row]
         out: dict = {
             "sample_id": int(self.sample_ids[row]),
             "hidden": {k: v[row] for k, v in self.hidden.items()},
         }
-        if kept is not None and self.hidden:
+        if kept is not None:
             positions_K = torch.from_numpy(kept)
             out["hidden"] = {k: _take(v, positions_K) for k, v in out["hidden"].items()}
             out["positions"] = positions_K

@@ -25,7 +25,9 @@ __all__ = [
     "KINDS",
     "TOPK_SAMPLES",
     "POSITION_SAMPLING",
+    "DEFAULT_SHORT_POSITIONS",
     "KindSpec",
+    "sample_positions",
     "CacheSpec",
     "ArraySpec",
     "open_spec",
@@ -41,6 +43,9 @@ READABLE_VERSIONS = (2,)
 KINDS = ("short", "s2l")
 TOPK_SAMPLES = ("all", "heldout", "none")
 POSITION_SAMPLING = ("strided", "random")
+DEFAULT_SHORT_POSITIONS = 0.5
+"""Share of a training short sample's positions a new cache stores (halves the cache; L_short over half
+the positions is an unbiased estimate of the full loss)."""
 TEACHER_POSITIONS = "0..T-1"
 MAX_SHARDS = 1_000_000
 """Shards per kind: completion records are named by six digits."""
@@ -115,17 +120,29 @@ class KindSpec:
 
     def kept_positions(self, sample_id: int) -> np.ndarray | None:
         """The sorted token positions (int64 (kept_length,)) whose hidden states sample ``sample_id`` stores;
-        None when it stores all of them (held-out samples, position_fraction 1).
-
-        strided: floor((i + u) * T / K) for i < K, u ~ U[0, 1); random: K distinct positions uniformly,
-        sorted; u and the draw come from ``numpy.random.default_rng([position_seed, sample_id])``.
-        """
+        None when it stores all of them (held-out samples, position_fraction 1). See ``sample_positions``."""
         if self.position_fraction >= 1.0 or self.is_heldout(sample_id):
             return None
-        count, rng = self.kept_length, np.random.default_rng([self.position_seed, int(sample_id)])
-        if self.position_sampling == "strided":
-            return np.floor((np.arange(count) + rng.random()) * (self.length / count)).astype(np.int64)
-        return np.sort(rng.choice(self.length, size=count, replace=False)).astype(np.int64)
+        return sample_positions(
+            sample_id,
+            length=self.length,
+            fraction=self.position_fraction,
+            sampling=self.position_sampling,
+            seed=self.position_seed,
+        )
+
+
+def sample_positions(sample_id: int, *, length: int, fraction: float, sampling: str, seed: int) -> np.ndarray:
+    """The sorted positions (int64 (K,), K = max(1, round(length * fraction))) of a sample's subset.
+
+    strided: floor((i + u) * T / K) for i < K, u ~ U[0, 1); random: K distinct positions uniformly,
+    sorted; u and the draw come from ``numpy.random.default_rng([seed, sample_id])``.
+    """
+    count = length if fraction >= 1.0 else max(1, round(length * fraction))
+    rng = np.random.default_rng([seed, int(sample_id)])
+    if sampling == "strided":
+        return np.floor((np.arange(count) + rng.random()) * (length / count)).astype(np.int64)
+    return np.sort(rng.choice(length, size=count, replace=False)).astype(np.int64)
 
 
 @dataclass(frozen=True)

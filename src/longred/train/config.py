@@ -85,6 +85,10 @@ class TrainConfig:
     """With short_corpus: s2l texts cut (default: precompute's, 16)."""
     top_k: int | None = None
     """With short_corpus: top-k of the live teacher's log-probabilities for s2l_kl_weight (default: 64)."""
+    short_positions: float | None = None
+    """With short_corpus: share of each short text's positions L_short averages over, drawn as precompute
+    draws them (strided, from `seed` and the text's id), so a cache precomputed with the same
+    short_positions trains the same (default: precompute's, 0.5); a cache fixes it."""
     long_corpus: str
     """Long-text corpus: file, folder, HF dataset folder, or embedded:prose / embedded:source."""
     long_field: str = "text"
@@ -275,6 +279,14 @@ class TrainConfig:
                 f"{name} applies to the texts cut from short_corpus; a cache fixes it" for name in given
             ]
         problems += at_least(self, 1, *given)
+        if self.short_positions is not None:
+            if self.short_corpus is None or not distils:
+                problems.append(
+                    "short_positions applies to L_short on the texts cut from short_corpus (methods "
+                    "longred-c, longred-u); a cache fixes it"
+                )
+            if not 0.0 < self.short_positions <= 1.0:
+                problems.append(f"short_positions must be in (0, 1], got {self.short_positions}")
         if self.short_corpus is not None and self.method == "long-cpt":
             problems.append("short_corpus is unused: method long-cpt trains on long texts only")
         if self.heldout_share is not None and not 0.0 <= self.heldout_share < 1.0:

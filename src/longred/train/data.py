@@ -29,6 +29,7 @@ Legend: N windows, B batch rows, T tokens, D hidden size, K top-k.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ from longred.base.io import atomic_write
 from longred.corpus.documents import iter_documents
 from longred.corpus.split import DocumentSplit
 from longred.corpus.windows import SampleSpec, build_samples, cut_samples
-from longred.storage import TargetStream, TeacherCache, collate
+from longred.storage import DEFAULT_SHORT_POSITIONS, TargetStream, TeacherCache, collate, sample_positions
 from longred.train.config import TrainConfig
 from longred.train.positions import PositionSampler
 
@@ -66,15 +67,26 @@ class WindowStream:
         seed: the epoch permutation is `default_rng([seed, epoch]).permutation(N)`.
         rank, world_size: this process's share: items rank, rank + W, ... of the permutation, which is cut
             to a multiple of W so every rank has the same count.
+        positions: window id -> the positions its L_short reads (a cache's `kept_positions`); each item
+            then carries them as "positions". None: all positions.
     """
 
-    def __init__(self, windows_NT: np.ndarray, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        windows_NT: np.ndarray,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        positions: Callable[[int], np.ndarray] | None = None,
+    ) -> None:
         if not 0 <= rank < world_size or len(windows_NT) < world_size:
             raise ValueError(
                 f"Need 0 <= rank < world_size <= windows; got rank={rank}, world_size={world_size}, "
                 f"{len(windows_NT)} windows."
             )
         self.windows_NT, self.rank, self.world_size = windows_NT, rank, world_size
+        self.positions = positions
         self.seed, self.epoch, self.position = int(seed), 0, 0
 
     def state_dict(self) -> dict:
@@ -95,10 +107,13 @@ class WindowStream:
             while self.position < len(order):
                 sample_id = int(order[self.position])
                 self.position += 1
-                yield {
+                item = {
                     "sample_id": sample_id,
                     "input_ids": torch.from_numpy(self.windows_NT[sample_id].astype(np.int64)),
                 }
+                if self.positions is not None:
+                    item["positions"] = torch.from_numpy(self.positions(sample_id))
+                yield item
             self.epoch, self.position = self.epoch + 1, 0
 
 
@@ -222,6 +237,16 @@ def _tokenized_once(
     return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}
 
 
+def _short_positions(config: TrainConfig, length: int) -> Callable[[int], np.ndarray] | None:
+    """A cacheless run's L_short positions per short text, drawn as precompute draws a cache's."""
+    fraction = DEFAULT_SHORT_POSITIONS if config.short_positions is None else config.short_positions
+    if not config.distils or fraction >= 1.0:
+        return None
+    return functools.partial(
+        sample_positions, length=length, fraction=fraction, sampling="strided", seed=config.seed
+    )
+
+
 class Streams:
     """The run's named sample streams; hands out collated batches and their joint resume state."""
 
@@ -245,7 +270,13 @@ class Streams:
         """A `WindowStream` per token-window array ("long"; "short" and "s2l" without a cache), and short
         and s2l from the cache, with the fields the method reads, when there is one."""
         streams: dict = {
-            name: WindowStream(windows_NT, seed=config.seed, rank=rank, world_size=world_size)
+            name: WindowStream(
+                windows_NT,
+                seed=config.seed,
+                rank=rank,
+                world_size=world_size,
+                positions=_short_positions(config, windows_NT.shape[1]) if name == "short" else None,
+            )
             for name, windows_NT in windows.items()
         }
         if cache is not None and config.method != "long-cpt":

@@ -25,10 +25,20 @@ class OnlineTargets:
     def __init__(self, capture: dict, *, codec: HiddenCodec | None) -> None:
         self.capture, self.codec = capture, codec
 
-    def __call__(self, stream: str, input_ids_BT: torch.Tensor) -> dict:
-        """Targets for a batch, on the teacher's device: float32 hidden states, top-k when captured."""
+    def __call__(
+        self, stream: str, input_ids_BT: torch.Tensor, positions_BP: torch.Tensor | None = None
+    ) -> dict:
+        """Targets for a batch, on the teacher's device: float32 hidden states (at `positions_BP` only
+        when given, as a cache storing a subset of positions hands them over), top-k when captured."""
         out = self.capture[stream](input_ids_BT)
         targets: dict = {"hidden": {name: self._round(h) for name, h in out.hidden.items()}}
+        if positions_BP is not None:
+            index_BPD = positions_BP.unsqueeze(-1)
+            targets["hidden"] = {
+                name: h.gather(1, index_BPD.expand(-1, -1, h.shape[-1]))
+                for name, h in targets["hidden"].items()
+            }
+            targets["positions"] = positions_BP
         if out.topk_ids is not None:
             logprobs = out.topk_logprobs.half() if self.codec is not None else out.topk_logprobs
             targets |= {

@@ -254,7 +254,10 @@ class Trainer:
         cached = {k: v for k, v in batch.items() if k not in ("sample_id", "input_ids")}
         micro = MicroBatch(stream, ids_BT, positions_BT, targets=None if self.online else cached).to(device)
         if self.online is not None:
-            micro.targets = self.online(stream, micro.input_ids_BT)
+            kept_BP = cached.get("positions")
+            micro.targets = self.online(
+                stream, micro.input_ids_BT, None if kept_BP is None else kept_BP.to(device)
+            )
         return micro
 
     def train_step(self) -> dict:
