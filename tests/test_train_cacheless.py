@@ -13,7 +13,7 @@ from test_train_run import losses, tiny_config
 from longred.models.loading import load_tokenizer
 from longred.storage import TeacherCache
 from longred.train import run_training
-from longred.train.data import short_corpus_source, short_windows
+from longred.train.data import Streams, short_corpus_source, short_windows
 from longred.train.metrics import MetricsLog
 
 CUT = dict(short_len=32, s2l_len=64, top_k=8)
@@ -45,6 +45,10 @@ def test_cut_samples_are_the_cache_samples(tiny_teacher_dir, tmp_path):
         )
         assert windows[kind].shape == (count, CUT[f"{kind}_len"])
         np.testing.assert_array_equal(windows[kind], stored)
+    streams = Streams.build(config, windows=windows, cache=None, layers=("1",), rank=0, world_size=1)
+    for _, item in zip(range(6), streams.streams["short"], strict=False):  # L_short's positions: the cache's
+        want = cache.spec.kinds["short"].kept_positions(item["sample_id"])
+        np.testing.assert_array_equal(item["positions"].numpy(), want)
 
 
 def test_cacheless_online_equals_online_with_a_cache(sharp_teacher, tmp_path):
