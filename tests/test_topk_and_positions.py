@@ -128,6 +128,8 @@ def test_position_subsets_read_back_and_give_the_restricted_loss(sharp_teacher, 
         assert torch.equal(sample["input_ids"], reference[n]["input_ids"])  # the full text is read
     heldout = half.read_sample("short", ks.heldout[0], fields=("hidden",))
     assert "positions" not in heldout and heldout["hidden"]["1"].shape[0] == 32
+    with pytest.raises(ValueError, match=r"store a subset .* collate them in separate batches"):
+        collate([samples[0], heldout])
     assert half.location.total_bytes() < full.location.total_bytes()
 
     batch = collate(samples[:4])

@@ -206,6 +206,13 @@ def collate(samples: list[dict]) -> dict:
     becomes a (B,) tensor. Stored codes stay stored: the batch holds them as the cache does. Samples that
     are consecutive rows of one array (a stream's, within a shard) become a view of it, not a copy."""
     batch: dict = {"sample_id": torch.tensor([s["sample_id"] for s in samples])}
+    subsets = [s["sample_id"] for s in samples if "positions" in s]
+    if subsets and len(subsets) < len(samples):
+        whole = [s["sample_id"] for s in samples if "positions" not in s]
+        raise ValueError(
+            f"Samples {subsets[:5]} store a subset of their positions and {whole[:5]} all of them (held-out "
+            "samples keep every position): collate them in separate batches."
+        )
     for name in samples[0]:
         if name == "hidden":
             batch["hidden"] = {k: _stack([s["hidden"][k] for s in samples]) for k in samples[0]["hidden"]}
