@@ -120,3 +120,25 @@ def test_two_ranks_equal_one_process(tiny_teacher_dir, tmp_path):
     assert "rank 0/2" in outputs[0] and "rank 1/2" in outputs[1]
     run_precompute(config(tiny_teacher_dir, one), progress=False)
     assert_same_arrays(str(two), str(one))
+
+
+def test_a_fast_zstd_level_stores_the_same_targets_in_more_bytes(tiny_teacher_dir, tmp_path):
+    made = {}
+    for name, level in (("level1", 1), ("fast", -1)):
+        cfg = config(
+            tiny_teacher_dir, tmp_path / f"{name}.zarr", codec="int8", s2l_samples=0, zstd_level=level
+        )
+        run_precompute(cfg, progress=False)
+        made[name] = cfg.out
+    assert_same_arrays(made["level1"], made["fast"])  # plain zarr decodes both to the same values
+    (sharding,) = zarr.open_array(f"{made['fast']}/short/hidden/1", mode="r").metadata.to_dict()["codecs"]
+    assert {"name": "zstd", "configuration": {"level": -1, "checksum": True}} in sharding["configuration"][
+        "codecs"
+    ]
+    level1, fast = TeacherCache(made["level1"]), TeacherCache(made["fast"])
+    for layer in ("1", "3", "final"):  # the reader's own shard decoding too
+        a, b = (c.read_shard("short", 0, form="stored").hidden[layer].parts["codes"] for c in (level1, fast))
+        assert torch.equal(a, b)
+    assert fast.location.total_bytes() > level1.location.total_bytes()
+    with pytest.raises(CacheMismatchError, match="stored at zstd_level -1, not 1; resume with zstd_level -1"):
+        run_precompute(config(tiny_teacher_dir, made["fast"], codec="int8", s2l_samples=0), progress=False)

@@ -22,3 +22,6 @@ def test_reader_benchmark_reports_both_forms(tmp_path):
     recipe = result["recipe"]
     assert recipe["values_per_rank_step"] == (768 * 1024 * 6 + 32 * 8192) * 4096 // 8
     assert recipe["decoded"]["gb_per_rank_step"] == round(recipe["values_per_rank_step"] * 4 / 1e9, 2)
+    zstd = result["zstd"]  # the decoder alone: level 1 entropy-codes the codes, -1 does not
+    assert set(zstd) == {"1", "-1"} and zstd["1"]["bytes_per_value"] < zstd["-1"]["bytes_per_value"]
+    assert all(level["decode_mb_per_s"] > 0 for level in zstd.values())

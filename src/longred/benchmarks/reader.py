@@ -11,6 +11,9 @@ sample and collates batches of ``batch`` samples, with no prefetch thread, so th
   being read, one being consumed), from the shards' actual tensors; ``rss_growth_mb``: peak resident
   memory growth of a fresh process streaming the cache (prefetch 2), which also counts batches and
   allocator slack.
+- ``zstd``: the Zstd decoder alone on the first shard's int8 codes, one frame per sample and layer as a
+  cache stores them, at level 1 (what precompute writes) and at -1 (a fast level: no entropy coding):
+  bytes per value and decoded MB/s, the ceiling of any reader of such a cache on this core.
 - ``recipe``: the paper's Llama-3-8B 8K -> 32K step per rank (8 ranks: 96 short samples of 1,024 tokens x
   6 layers + 4 s2l of 8,192 x 1, D = 4,096), its target bytes and the reader core-seconds per step at the
   measured rate, and the host memory a stream holds at 64-sample shards.
@@ -25,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from longred.storage import TargetStream, TeacherCache, collate
@@ -59,6 +63,37 @@ def measure_reader(
         "held_bytes": 4 * sum(_nbytes(h) for h in shard.hidden.values()),
         "rss_growth_mb": _rss_growth_mb(cache.url, form) if memory_probe else None,
     }
+
+
+def zstd_ceiling(cache: TeacherCache, *, levels: tuple[int, ...] = (1, -1), repeats: int = 3) -> dict:
+    """The Zstd decoder's own rate on the int8 codes of the first short shard (see the module docstring)."""
+    import numcodecs
+
+    shard = cache.read_shard("short", 0, fields=("hidden",), form="stored")
+    frames = [
+        np.ascontiguousarray(codes_TD)
+        for stored in shard.hidden.values()
+        for codes_TD in stored.parts["codes"].numpy()
+    ]
+    raw = sum(frame.nbytes for frame in frames)
+    out = {}
+    for level in levels:
+        zstd = numcodecs.Zstd(level=level)
+        encoded = [zstd.encode(frame) for frame in frames]
+        decoded = [np.empty_like(frame) for frame in frames]
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.process_time()
+            for frame, into in zip(encoded, decoded, strict=True):
+                zstd.decode(frame, out=into)
+            best = min(best, time.process_time() - start)
+        if not all(np.array_equal(a, b) for a, b in zip(decoded, frames, strict=True)):
+            raise RuntimeError(f"Zstd level {level} did not round-trip the codes")
+        out[str(level)] = {
+            "bytes_per_value": round(sum(len(e) for e in encoded) / raw, 4),
+            "decode_mb_per_s": round(raw / best / 1e6, 1),
+        }
+    return out
 
 
 def _nbytes(hidden) -> int:
@@ -136,6 +171,7 @@ def run_reader_benchmark(
                 s2l_samples=0,
                 layers=list(layers),
                 codec="int8",
+                short_positions=1.0,  # every position: the codec's own rate
                 shard_samples=16,
             )
             run_precompute(config, progress=False)
@@ -158,6 +194,7 @@ def run_reader_benchmark(
                 results["direction"]["values_per_s"] / results["decoded"]["values_per_s"], 2
             ),
             "held_ratio": round(results["decoded"]["held_bytes"] / results["direction"]["held_bytes"], 2),
+            "zstd": zstd_ceiling(opened),
             "recipe": recipe_projection(results),
         }
     if out is not None:

@@ -217,7 +217,9 @@ def run_precompute(config: PrecomputeConfig, *, progress: bool = True) -> dict:
     spec, samples = build_spec_and_samples(config, tokenizer, model_config, teacher_dir)
     # under torchrun rank 0 replaces an old cache; the other ranks wait for its new one
     overwrite, wait_s = config.overwrite and rank == 0, 600.0 if config.overwrite and rank > 0 else 0.0
-    with CacheWriter(config.out, spec, overwrite=overwrite, wait_s=wait_s) as writer:
+    with CacheWriter(
+        config.out, spec, overwrite=overwrite, wait_s=wait_s, zstd_level=config.zstd_level
+    ) as writer:
         work, skipped, repaired = [], 0, []
         for kind in spec.kinds:
             mine = [s for s in range(spec.num_shards(kind)) if s % world == rank]

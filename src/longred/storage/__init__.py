@@ -20,11 +20,12 @@ from ._spec import (
 )
 from ._stream import TargetDataset, TargetStream, collate
 from ._verify import cache_info, verify_cache
-from ._writer import CacheMismatchError, CacheWriter
+from ._writer import DEFAULT_ZSTD_LEVEL, CacheMismatchError, CacheWriter
 
 __all__ = [
     "CODECS",
     "DEFAULT_SHORT_POSITIONS",
+    "DEFAULT_ZSTD_LEVEL",
     "FIELDS",
     "FORMAT",
     "FORMAT_VERSION",

@@ -5,7 +5,7 @@ Shape legend: N samples, T tokens, D hidden size, K outlier channels; "..." any 
 A codec turns float hidden states ``hidden_NTD`` into a few named integer/float arrays
 (``codes`` and, for the quantized codecs, ``scale`` and the outlier arrays) and back. Encoding runs on
 whatever device the input lives on (the teacher's GPU during precompute), so only the compact codes
-cross to the host. All arrays are then stored with Zstd level 1 (see FORMAT.md).
+cross to the host. All arrays are then stored with Zstd (level 1 by default, see FORMAT.md).
 
 Measured on SmolLM2-135M activations (``longred bench storage``, README): ``int8`` keeps cosine >= 0.999
 at about a third of bf16's bytes; ``int8-outlier`` also keeps the relative L2 error under 1%.
