@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import torch
 
@@ -67,8 +68,6 @@ def measure_reader(
 
 def zstd_ceiling(cache: TeacherCache, *, levels: tuple[int, ...] = (1, -1), repeats: int = 3) -> dict:
     """The Zstd decoder's own rate on the int8 codes of the first short shard (see the module docstring)."""
-    import numcodecs
-
     shard = cache.read_shard("short", 0, fields=("hidden",), form="stored")
     frames = [
         np.ascontiguousarray(codes_TD)

@@ -17,6 +17,7 @@ from longred.storage import (
     DEFAULT_ZSTD_LEVEL,
     POSITION_SAMPLING,
     TOPK_SAMPLES,
+    ZSTD_LEVELS,
 )
 
 __all__ = ["PrecomputeConfig", "BACKENDS", "DTYPES"]
@@ -145,7 +146,7 @@ class PrecomputeConfig:
         problems += one_of(self)
         if not 0.0 < self.short_positions <= 1.0:
             problems.append(f"short_positions must be in (0, 1], got {self.short_positions}")
-        if not -(2**17) <= self.zstd_level <= 22:
+        if self.zstd_level not in ZSTD_LEVELS:
             problems.append(f"zstd_level must be in [-131072, 22], got {self.zstd_level}")
         if not self.layers:
             problems.append("layers must name at least one layer")

@@ -54,8 +54,7 @@ class DemoPreset:
     lm_eval_limit: int = 8
     """RULER samples per length."""
     lm_eval_batch: int = 8
-    """lm-eval's batch size, the same for every model (8 halves the cloze's time on 2 CPU cores; scores
-    move by about 1e-7 relative against batch 1)."""
+    """lm-eval's batch size, the same for every model (batches the cloze's short requests on CPU)."""
     lm_eval_max_gen_toks: int = 16
     """Generated tokens per RULER answer (its 7-digit numbers need fewer)."""
     heldout_share: float = 0.1

@@ -20,7 +20,7 @@ from ._spec import (
 )
 from ._stream import TargetDataset, TargetStream, collate
 from ._verify import cache_info, verify_cache
-from ._writer import DEFAULT_ZSTD_LEVEL, CacheMismatchError, CacheWriter
+from ._writer import DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS, CacheMismatchError, CacheWriter
 
 __all__ = [
     "CODECS",
@@ -34,6 +34,7 @@ __all__ = [
     "POSITION_SAMPLING",
     "READABLE_VERSIONS",
     "TOPK_SAMPLES",
+    "ZSTD_LEVELS",
     "Bf16Codec",
     "CacheCorruptionError",
     "CacheMismatchError",

@@ -8,6 +8,7 @@ is CRC32C (hardware-accelerated, several GB/s) of each stored shard object, as w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import re
@@ -64,12 +65,12 @@ class CacheLocation:
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))
 
-    def map_bytes(self, key: str) -> bytes | mmap.mmap:
-        """The object's bytes: memory-mapped on a local disk (no copy: a whole-shard read decodes from
-        the page cache; close it after), read whole elsewhere. zarr replaces an object by a rename, never
-        in place, so a mapped object does not change under its reader."""
+    def map_bytes(self, key: str) -> contextlib.AbstractContextManager:
+        """The object's bytes, for a ``with`` block: memory-mapped on a local disk (no copy: a whole-shard
+        read decodes from the page cache), read whole elsewhere. zarr replaces an object by a rename,
+        never in place, so a mapped object does not change under its reader."""
         if not isinstance(self.fs, LocalFileSystem):
-            return self.read_bytes(key)
+            return contextlib.nullcontext(self.read_bytes(key))
         with open(self._path(key), "rb") as file:
             return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
 

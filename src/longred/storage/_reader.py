@@ -302,12 +302,8 @@ class TeacherCache:
             shard, offset = divmod(span.start, self.spec.shard_samples)
             layout = self._layout(array) if offset == 0 and span.stop - span.start > 1 else None
             if layout is not None:  # a whole shard: one object read, no per-chunk zarr overhead
-                blob = self.location.map_bytes(shard_key(array, shard))
-                try:
+                with self.location.map_bytes(shard_key(array, shard)) as blob:
                     return layout.decode(blob, np.arange(span.stop - span.start) if rows is None else rows)
-                finally:
-                    if not isinstance(blob, bytes):
-                        blob.close()
             return self._group[array.path][span] if rows is None else self._group[array.path][span][rows]
         except Exception as err:  # zarr/numcodecs raise assorted types for undecodable bytes
             raise CacheCorruptionError(

@@ -112,11 +112,7 @@ class KindSpec:
     @property
     def kept_length(self) -> int:
         """Positions stored per training sample: round(length * position_fraction), at least 1."""
-        return (
-            self.length
-            if self.position_fraction >= 1.0
-            else max(1, round(self.length * self.position_fraction))
-        )
+        return _kept_count(self.length, self.position_fraction)
 
     def kept_positions(self, sample_id: int) -> np.ndarray | None:
         """The sorted token positions (int64 (kept_length,)) whose hidden states sample ``sample_id`` stores;
@@ -138,11 +134,15 @@ def sample_positions(sample_id: int, *, length: int, fraction: float, sampling: 
     strided: floor((i + u) * T / K) for i < K, u ~ U[0, 1); random: K distinct positions uniformly,
     sorted; u and the draw come from ``numpy.random.default_rng([seed, sample_id])``.
     """
-    count = length if fraction >= 1.0 else max(1, round(length * fraction))
+    count = _kept_count(length, fraction)
     rng = np.random.default_rng([seed, int(sample_id)])
     if sampling == "strided":
         return np.floor((np.arange(count) + rng.random()) * (length / count)).astype(np.int64)
     return np.sort(rng.choice(length, size=count, replace=False)).astype(np.int64)
+
+
+def _kept_count(length: int, fraction: float) -> int:
+    return length if fraction >= 1.0 else max(1, round(length * fraction))
 
 
 @dataclass(frozen=True)

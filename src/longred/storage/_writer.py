@@ -36,10 +36,12 @@ from ._ownership import (
 )
 from ._spec import FORMAT, FORMAT_VERSION, ArraySpec, CacheSpec, open_spec
 
-__all__ = ["CacheWriter", "CacheMismatchError", "DEFAULT_ZSTD_LEVEL"]
+__all__ = ["CacheWriter", "CacheMismatchError", "DEFAULT_ZSTD_LEVEL", "ZSTD_LEVELS"]
 
 DEFAULT_ZSTD_LEVEL = 1
 """Zstd level of a new cache's arrays: entropy-codes int8 codes (README 'Reader')."""
+ZSTD_LEVELS = range(-(2**17), 23)
+"""The levels Zstd accepts."""
 
 
 @dataclass
@@ -83,7 +85,7 @@ class CacheWriter:
         max_pending_shards: int = 4,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
     ) -> None:
-        if type(zstd_level) is not int or not -(2**17) <= zstd_level <= 22:
+        if type(zstd_level) is not int or zstd_level not in ZSTD_LEVELS:
             raise ValueError(f"zstd_level must be an integer in [-131072, 22], got {zstd_level!r}")
         self.location = CacheLocation(url)
         self.spec, self.zstd_level = spec, zstd_level
@@ -92,14 +94,8 @@ class CacheWriter:
         self._writer: WriterRecord | None = None
         if wait_s > 0 and not overwrite:
             wait_for(self.location, spec, wait_s)
-        self._open_or_create(overwrite)
         self._arrays = {kind: spec.arrays(kind) for kind in spec.kinds}
-        # all-zero chunks (samples that store no top-k) are written too, so every shard object exists
-        self._zarr = {
-            a.path: self._group[a.path].with_config({"write_empty_chunks": True})
-            for arrays in self._arrays.values()
-            for a in arrays
-        }
+        self._open_or_create(overwrite)
         self._complete = {
             kind: self.location.completed_shards(kind, spec.num_shards(kind)) for kind in spec.kinds
         }
@@ -151,20 +147,24 @@ class CacheWriter:
                 f"{self.location.url} was just created by another writer with other inputs: "
                 f"{', '.join(diff)}."
             )
-        for kind in self.spec.kinds:
-            for array in self.spec.arrays(kind):
-                self._create_array(array)
-                self._check_level(array)
+        # all-zero chunks (samples that store no top-k) are written too, so every shard object exists
+        self._zarr = {
+            a.path: self._create_array(a).with_config({"write_empty_chunks": True})
+            for arrays in self._arrays.values()
+            for a in arrays
+        }
 
     def _holds_other_data(self) -> bool:
         """A non-cache folder at the path. zarr's in-flight ``*.partial`` files (a concurrent writer
         creating the same cache) and writer records do not count."""
         return any(n != "_writers" for n in self.location.entries())
 
-    def _create_array(self, array: ArraySpec) -> None:
+    def _create_array(self, array: ArraySpec) -> zarr.Array:
+        """The array, created unless an earlier run or a concurrent writer with the same spec did; an
+        existing one must have this writer's Zstd level."""
         per_sample = array.shape[1:]
         try:
-            self._group.create_array(
+            return self._group.create_array(
                 array.path,
                 shape=array.shape,
                 dtype=array.dtype,
@@ -174,11 +174,8 @@ class CacheWriter:
                 fill_value=0,
             )
         except ContainsArrayError:
-            pass  # created by an earlier run or a concurrent writer with the same spec
-
-    def _check_level(self, array: ArraySpec) -> None:
-        """An existing array keeps its Zstd level: writing it at another one is refused."""
-        (sharding,) = self._group[array.path].metadata.to_dict()["codecs"]
+            existing = self._group[array.path]
+        (sharding,) = existing.metadata.to_dict()["codecs"]
         stored = {c["name"]: c.get("configuration", {}) for c in sharding["configuration"]["codecs"]}
         level = stored.get("zstd", {}).get("level")
         if level != self.zstd_level:
@@ -186,6 +183,7 @@ class CacheWriter:
                 f"{self.location.url}/{array.path} is stored at zstd_level {level}, not {self.zstd_level}; "
                 f"resume with zstd_level {level}, or write a new cache."
             )
+        return existing
 
     # public API --------------------------------------------------------------------------------------
     def missing_shards(self, kind: str) -> list[int]:

@@ -67,8 +67,8 @@ class WindowStream:
         seed: the epoch permutation is `default_rng([seed, epoch]).permutation(N)`.
         rank, world_size: this process's share: items rank, rank + W, ... of the permutation, which is cut
             to a multiple of W so every rank has the same count.
-        positions: window id -> the positions its L_short reads (a cache's `kept_positions`); each item
-            then carries them as "positions". None: all positions.
+        kept_positions: window id -> the positions its L_short reads (as a cache's `kept_positions`);
+            each item then carries them as "positions". None: all positions.
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class WindowStream:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        positions: Callable[[int], np.ndarray] | None = None,
+        kept_positions: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         if not 0 <= rank < world_size or len(windows_NT) < world_size:
             raise ValueError(
@@ -86,7 +86,7 @@ class WindowStream:
                 f"{len(windows_NT)} windows."
             )
         self.windows_NT, self.rank, self.world_size = windows_NT, rank, world_size
-        self.positions = positions
+        self.kept_positions = kept_positions
         self.seed, self.epoch, self.position = int(seed), 0, 0
 
     def state_dict(self) -> dict:
@@ -111,8 +111,8 @@ class WindowStream:
                     "sample_id": sample_id,
                     "input_ids": torch.from_numpy(self.windows_NT[sample_id].astype(np.int64)),
                 }
-                if self.positions is not None:
-                    item["positions"] = torch.from_numpy(self.positions(sample_id))
+                if self.kept_positions is not None:
+                    item["positions"] = torch.from_numpy(self.kept_positions(sample_id))
                 yield item
             self.epoch, self.position = self.epoch + 1, 0
 
@@ -275,7 +275,7 @@ class Streams:
                 seed=config.seed,
                 rank=rank,
                 world_size=world_size,
-                positions=_short_positions(config, windows_NT.shape[1]) if name == "short" else None,
+                kept_positions=_short_positions(config, windows_NT.shape[1]) if name == "short" else None,
             )
             for name, windows_NT in windows.items()
         }

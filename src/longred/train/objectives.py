@@ -33,7 +33,7 @@ from longred.ops.layers import LayerTap, check_layers
 from longred.ops.losses import chunked_cross_entropy, cosine_distill_loss, topk_kl_loss
 from longred.storage import StoredHidden
 
-__all__ = ["StudentObjectives", "OBJECTIVES"]
+__all__ = ["StudentObjectives", "OBJECTIVES", "at_positions"]
 
 OBJECTIVES = ("ce", "short", "s2l")
 
@@ -125,7 +125,9 @@ class StudentObjectives(nn.Module):
             hidden = self.hidden_states(input_ids_BT, position_ids_BT, layers=self.layers)
             positions_BP = targets.get("positions")
             return sum(
-                cosine_distill_loss(_at(hidden[name], positions_BP), _teacher_states(targets["hidden"][name]))
+                cosine_distill_loss(
+                    at_positions(hidden[name], positions_BP), _teacher_states(targets["hidden"][name])
+                )
                 for name in self.layers
             )
         if objective == "s2l":
@@ -150,8 +152,8 @@ def _teacher_states(value: torch.Tensor | StoredHidden) -> torch.Tensor:
     return value.direction(torch.float32) if isinstance(value, StoredHidden) else value
 
 
-def _at(hidden_BTD: torch.Tensor, positions_BP: torch.Tensor | None) -> torch.Tensor:
-    """The student's states at each row's kept positions (B, P, D); all of them when None."""
+def at_positions(hidden_BTD: torch.Tensor, positions_BP: torch.Tensor | None) -> torch.Tensor:
+    """The states at each row's kept positions (B, P, D); all of them when None."""
     if positions_BP is None:
         return hidden_BTD
     return hidden_BTD.gather(1, positions_BP.unsqueeze(-1).expand(-1, -1, hidden_BTD.shape[-1]))

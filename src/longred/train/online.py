@@ -8,6 +8,7 @@ import torch
 from longred.ops.capture import DEFAULT_TOP_K, TeacherCapture
 from longred.storage import HiddenCodec, StoredHidden
 from longred.train.config import TrainConfig
+from longred.train.objectives import at_positions
 
 __all__ = ["OnlineTargets", "online_targets"]
 
@@ -31,13 +32,9 @@ class OnlineTargets:
         """Targets for a batch, on the teacher's device: float32 hidden states (at `positions_BP` only
         when given, as a cache storing a subset of positions hands them over), top-k when captured."""
         out = self.capture[stream](input_ids_BT)
-        targets: dict = {"hidden": {name: self._round(h) for name, h in out.hidden.items()}}
+        hidden = {name: self._round(at_positions(h, positions_BP)) for name, h in out.hidden.items()}
+        targets: dict = {"hidden": hidden}
         if positions_BP is not None:
-            index_BPD = positions_BP.unsqueeze(-1)
-            targets["hidden"] = {
-                name: h.gather(1, index_BPD.expand(-1, -1, h.shape[-1]))
-                for name, h in targets["hidden"].items()
-            }
             targets["positions"] = positions_BP
         if out.topk_ids is not None:
             logprobs = out.topk_logprobs.half() if self.codec is not None else out.topk_logprobs
